@@ -17,6 +17,12 @@ text tower, logit scale, last block, post-norm and head are unused: `clip_key_fi
 those keys for the loader's ignore list. `hf_clip_vision_to_official` converts a transformers
 CLIPVisionModel state dict (the -Diffusers layout's image_encoder/) to these names.
 
+Known differences from diffusers' WanAnimatePipeline (NOTES §15.5), where this module follows the
+official: diffusers runs CLIPImageProcessor on the raw, un-letterboxed image (shortest side to 224,
+then a center crop, antialiased resize), whereas the official stretches the letterboxed frame
+without antialias (0.23 max abs apart at the CLIP input on the fixture); its weights are laion's
+CLIP-ViT-H-14 hidden_states[-2] (believed to be the same tower, not verified against the real files).
+
 Precision: the official runs CLIP with fp16 weights under fp16 autocast, so LayerNorms compute in
 fp32 and everything else in fp16 (NOTES §10); casting this module to fp16 reproduces that, fp32 is
 the reference path. The preprocessing always runs in fp32, on bf16-rounded pixels in the pipeline
@@ -173,7 +179,6 @@ def hf_clip_vision_to_official(state_dict: dict[str, torch.Tensor],
     num_layers (the tower's layer count) is given; otherwise they are kept under official names.
     Raises CheckpointError on an unknown key or an incomplete q/k/v triple.
     """
-    prefix = "vision_model."
     per_layer = {
         "layer_norm1": "norm1", "layer_norm2": "norm2",
         "self_attn.out_proj": "attn.proj", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2",
@@ -181,9 +186,8 @@ def hf_clip_vision_to_official(state_dict: dict[str, torch.Tensor],
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            raise CheckpointError(f"unknown CLIPVisionModel key {key!r}")
-        name = key[len(prefix):]
+        # checkpoints on disk prefix every key with vision_model.; transformers 5 state dicts do not
+        name = key[len("vision_model."):] if key.startswith("vision_model.") else key
         if name == "embeddings.class_embedding":
             out["visual.cls_embedding"] = value.reshape(1, 1, -1)
         elif name == "embeddings.position_embedding.weight":
@@ -194,7 +198,9 @@ def hf_clip_vision_to_official(state_dict: dict[str, torch.Tensor],
             out["visual.pre_norm." + name.split(".", 1)[1]] = value
         elif name.startswith("post_layernorm."):
             out["visual.post_norm." + name.split(".", 1)[1]] = value
-        elif name == "embeddings.position_ids":     # a non-persistent buffer in recent versions
+        elif name in ("embeddings.position_ids", "visual_projection.weight"):
+            # an index buffer; the projection head of CLIPVisionModelWithProjection (unused, like
+            # the official visual.head)
             continue
         elif name.startswith("encoder.layers."):
             index, rest = name[len("encoder.layers."):].split(".", 1)

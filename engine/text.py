@@ -247,7 +247,7 @@ def encode_text(model: T5Encoder, tokenizer, prompts: Sequence[str] | str,
     ids, mask = tokenizer(prompts)
     device = model.token_embedding.weight.device
     ids, mask = ids.to(device), mask.to(device)
-    with torch.inference_mode():
+    with torch.no_grad():       # not inference_mode: callers may still write into the result
         hidden = model.encode(ids, mask)
     return pipeline_context(hidden, mask, text_len or model.config.text_len)
 

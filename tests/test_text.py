@@ -349,3 +349,14 @@ def test_tiny_preset_end_to_end_with_byte_tokenizer():
     assert ctx.seq_lens.tolist() == [9, 1, 9]
     assert torch.equal(ctx.trimmed[0], ctx.trimmed[2])
     assert ctx.padded[0, 9:].abs().sum() == 0 and torch.isfinite(ctx.padded).all()
+
+
+def test_meta_build_and_assign_load():
+    """The loader's path: build on the meta device, load with assign=True (no buffers to fill)."""
+    with torch.device("meta"):
+        model = T5Encoder(TINY)
+    reference = _tiny_model(seed=2)
+    model.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    ids, mask = _random_ids([6], 32, TINY.vocab_size, seed=2)
+    with torch.no_grad():
+        assert torch.equal(model.eval().encode(ids, mask), reference.encode(ids, mask))
