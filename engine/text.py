@@ -173,10 +173,11 @@ class T5Encoder(nn.Module):
 
     def __init__(self, config: T5Config):
         super().__init__()
-        if config.num_layers < 1 or config.num_buckets < 4 or config.num_buckets % 4:
+        if config.num_layers < 1 or config.num_buckets < 4 or config.num_buckets % 4 \
+                or config.max_distance <= config.num_buckets // 4:
             raise ValidationError(
-                f"T5 needs num_layers >= 1 and num_buckets a positive multiple of 4 "
-                f"(got {config.num_layers}, {config.num_buckets})")
+                f"T5 needs num_layers >= 1, num_buckets a positive multiple of 4 and max_distance > "
+                f"num_buckets/4 (got {config.num_layers}, {config.num_buckets}, {config.max_distance})")
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
         self.blocks = nn.ModuleList(T5Block(config) for _ in range(config.num_layers))

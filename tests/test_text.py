@@ -360,3 +360,10 @@ def test_meta_build_and_assign_load():
     ids, mask = _random_ids([6], 32, TINY.vocab_size, seed=2)
     with torch.no_grad():
         assert torch.equal(model.eval().encode(ids, mask), reference.encode(ids, mask))
+
+
+def test_config_validation():
+    with pytest.raises(ValidationError, match="num_buckets"):
+        T5Encoder(T5Config(vocab_size=10, dim=8, dim_attn=8, dim_ffn=8, num_heads=2, num_layers=1, num_buckets=30))
+    with pytest.raises(ValidationError, match="divisible"):
+        T5Encoder(T5Config(vocab_size=10, dim=8, dim_attn=9, dim_ffn=8, num_heads=2, num_layers=1))
