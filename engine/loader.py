@@ -228,6 +228,21 @@ def dit_config_from_diffusers(config: dict) -> DiTConfig:
     return cfg
 
 
+def diffusers_config(cfg: DiTConfig) -> dict:
+    """DiTConfig -> a diffusers WanAnimateTransformer3DModel config (the inverse of the above)."""
+    return {"_class_name": "WanAnimateTransformer3DModel", "patch_size": list(cfg.patch_size),
+            "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_dim,
+            "latent_channels": cfg.pose_dim, "out_channels": cfg.out_dim, "text_dim": cfg.text_dim,
+            "freq_dim": cfg.freq_dim, "ffn_dim": cfg.ffn_dim, "num_layers": cfg.num_layers, "cross_attn_norm": True,
+            "qk_norm": "rms_norm_across_heads", "eps": cfg.eps, "image_dim": cfg.image_dim,
+            "added_kv_proj_dim": cfg.dim, "rope_max_seq_len": cfg.rope_max_len,
+            "motion_encoder_channel_sizes": {str(2 ** i): cfg.motion_channels(2 ** i) for i in range(2, 11)},
+            "motion_encoder_size": cfg.motion_size, "motion_style_dim": cfg.motion_encoder_dim,
+            "motion_dim": cfg.motion_dim, "motion_encoder_dim": cfg.motion_encoder_dim,
+            "face_encoder_hidden_dim": cfg.face_hidden, "face_encoder_num_heads": cfg.face_heads,
+            "inject_face_latents_blocks": cfg.face_adapter_every}
+
+
 # ----------------------------------------------------------------------------------------------
 # Building and filling a module
 
