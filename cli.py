@@ -20,6 +20,36 @@ def verify(directory: Path = typer.Argument(..., help="a folder of parity fixtur
     raise typer.Exit(0 if all(c.passed for c in checks) else 1)
 
 
+@app.command()
+def convert(ckpt_dir: Path = typer.Argument(..., help="the Wan2.2-Animate-14B checkpoint folder")):
+    """Turn the checkpoint's pickles (.pth/.ckpt) into safetensors, in a child process with
+    torch.load(weights_only=True), and write wanimate-manifest.json (SHA-256 of every weight file)."""
+    from .engine.checkpoint import convert as run_convert
+    from .engine.errors import WanimateError
+
+    try:
+        path = run_convert(ckpt_dir, progress=lambda s: typer.echo(s, err=True))
+    except WanimateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def inspect(ckpt_dir: Path = typer.Argument(..., help="a checkpoint folder (official or -Diffusers layout)")):
+    """Report what a checkpoint folder holds, what is missing, and the GPU memory of each component."""
+    from .engine.checkpoint import inspect as run_inspect
+    from .engine.errors import WanimateError
+
+    try:
+        report = run_inspect(ckpt_dir)
+    except WanimateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(report.format())
+    raise typer.Exit(0 if not report.missing else 1)
+
+
 def main():  # pragma: no cover - console entry point
     app()
 
