@@ -20,6 +20,99 @@ def verify(directory: Path = typer.Argument(..., help="a folder of parity fixtur
     raise typer.Exit(0 if all(c.passed for c in checks) else 1)
 
 
+def _parse_size(size: str | None) -> tuple[int, int] | None:
+    """'832x480' -> (width, height); both must be multiples of 16."""
+    from .engine.errors import ValidationError
+    if size is None:
+        return None
+    try:
+        w, h = (int(v) for v in size.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise ValidationError(f"--size must look like 832x480 (width x height), got {size!r}") from None
+    if w <= 0 or h <= 0 or w % 16 or h % 16:
+        raise ValidationError(f"--size {w}x{h}: width and height must be positive multiples of 16 (e.g. 832x480, 1280x720)")
+    return w, h
+
+
+def _parse_steps(steps: str):
+    from .engine.errors import ValidationError
+    try:
+        if "," in steps:
+            return tuple(float(v) for v in steps.split(",") if v.strip())
+        return int(steps)
+    except ValueError:
+        raise ValidationError(f"--steps must be a count (20) or a timestep list (1000,937.5,833.3,625), got {steps!r}") from None
+
+
+@app.command()
+def run(
+    output: Path = typer.Option(..., "-o", "--output", help="the video to write (.mp4); a .json sidecar goes beside it"),
+    src: Path = typer.Option(None, help="a preprocessed folder: src_pose.mp4, src_face.mp4, src_ref.png [+ src_bg.mp4, src_mask.mp4]"),
+    image: Path = typer.Option(None, help="reference image (preprocessed together with --video)"),
+    video: Path = typer.Option(None, help="driving video"),
+    mode: str = typer.Option("animate", help="animate | replace"),
+    ckpt_dir: Path = typer.Option(None, help="Wan2.2-Animate-14B folder; without it the embedded tiny model runs (random weights)"),
+    steps: str = typer.Option(None, help="denoising steps (default 20; 4 for the embedded model) or a timestep list 1000,937.5,833.3,625"),
+    solver: str = typer.Option("unipc", help="unipc | dpm++"),
+    shift: float = typer.Option(None, help="schedule shift (default 5.0)"),
+    seed: int = typer.Option(-1, help="-1 picks a random seed, reported in the sidecar"),
+    size: str = typer.Option(None, help="output size WxH for --image/--video preprocessing (multiples of 16)"),
+    clip_len: int = typer.Option(77, help="frames per segment (4n+1)"),
+    refert_num: int = typer.Option(1, help="frames carried between segments (1 or 5)"),
+    guide_scale: float = typer.Option(1.0, help="> 1 adds the official negative-prompt / black-face pass"),
+    prompt: str = typer.Option("", help="text prompt (default: the official one)"),
+    negative_prompt: str = typer.Option("", help="negative prompt (default: the official one)"),
+    device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
+    fp32: bool = typer.Option(False, "--fp32", help="run the DiT in fp32 instead of the official bf16 mixed precision"),
+):
+    """Generate a video: the reference image performs the driving video's motion (animate) or
+    replaces its person (replace)."""
+    import torch
+    from tqdm import tqdm
+
+    from .engine.errors import WanimateError
+    from .engine.pipeline import GenerateOptions
+    from .engine.runner import run as run_job
+
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int):
+        bar = bars.get(stage)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bars.clear()
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=True)
+        bar.update(done - bar.n)
+
+    try:
+        wanted = _parse_size(size)
+        embedded = ckpt_dir is None
+        options = GenerateOptions(mode=mode, steps=_parse_steps(steps) if steps else (4 if embedded else 20),
+                                  solver=solver, shift=shift, seed=seed, clip_len=clip_len, refert_num=refert_num,
+                                  guide_scale=guide_scale, prompt=prompt, negative_prompt=negative_prompt)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pre = {"resolution_area": wanted} if wanted else ({"resolution_area": EMBEDDED_AREA} if embedded else {})
+        report = run_job(output, options, src=src, image=image, video=video, ckpt_dir=ckpt_dir, device=device,
+                         dtype=torch.float32 if fp32 else torch.bfloat16, preprocess_options=pre,
+                         progress=progress, log=lambda s: typer.echo(f"wanimate: {s}", err=True))
+    except WanimateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    t = report.timings
+    typer.echo(f"wrote {report.output} ({report.frames} frames, {report.size[1]}x{report.size[0]}, "
+               f"{report.segments} segments, seed {report.seed}, {t.get('wall_s', 0):.1f} s) and {report.sidecar}")
+    if report.embedded:
+        typer.echo("note: made by the embedded tiny model with random weights (pass --ckpt-dir for real output)")
+
+
+# The embedded default's generation size (area as width x height): small enough for a CPU.
+EMBEDDED_AREA = (224, 128)
+
+
 @app.command()
 def convert(ckpt_dir: Path = typer.Argument(..., help="the Wan2.2-Animate-14B checkpoint folder")):
     """Turn the checkpoint's pickles (.pth/.ckpt) into safetensors, in a child process with

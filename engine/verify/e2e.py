@@ -17,6 +17,7 @@ from .. import recipe
 from ..config import DiTConfig
 from ..loader import assign_weights, build_dit, constant_buffers, expected_entries
 from ..pipeline import ArraySource, GenerateOptions, Pipeline, TextContext
+from ..sampler import make_schedule
 from ..text import pipeline_context
 from ..vae import WanVAE, vae_config_from_official
 from . import Check, compare
@@ -106,9 +107,7 @@ def run(path: Path, meta: dict, **options) -> list[Check]:
         for k in sorted(per_seg):
             seg = int(k.split(".")[0][3:])
             checks.append(compare(name, k, flat[seg * clip_len:(seg + 1) * clip_len], data[k], rel_tol=STAGE_REL_TOL))
-    for key, spec in meta["tensors"].items():
-        if key.endswith(".timesteps"):
-            from ..sampler import make_schedule
-            sched = make_schedule(options.solver, options.steps, options.shift)
-            checks.append(compare(name, key, sched.timesteps, data[key]))
+    schedule = make_schedule(options.solver, options.steps, options.shift)
+    for key in sorted(k for k in data if k.endswith(".timesteps")):
+        checks.append(compare(name, key, schedule.timesteps, data[key]))
     return checks
