@@ -372,6 +372,7 @@ class FrameStream:
         unique = None if self._want is None else sorted(set(self._want))
         self.stats: dict = {}
         self._worker = None
+        self._repeat: list[np.ndarray] = []
         if self._want is not None and not self._want:
             self.info = probe_video(p, limits, _fault=_fault)
             return
@@ -381,7 +382,6 @@ class FrameStream:
                         else (self.info.height, self.info.width))
         self._pos = 0          # next position in self._want
         self._next_index = 0   # next frame index the child may send (all-frames mode)
-        self._repeat: list[np.ndarray] = []
         self._worker.send(b"go\n")
 
     def __iter__(self):
@@ -434,6 +434,9 @@ class FrameStream:
         self.stats = {"decoded_frames": int(payload.get("decoded", 0)),
                       "child_peak_rss_bytes": int(payload.get("peak_rss_bytes", 0)),
                       "decode_wait_s": self._worker.waited}
+        if self.stats["decoded_frames"] == 0:
+            raise MediaError(f"{self.path}: no frame could be decoded although the header declares "
+                             f"{self.info.n_frames}; the file is corrupt: re-encode it")
         if self._want is not None and self._pos < len(self._want):
             missing = self._want[self._pos]
             raise MediaError(f"{self.path}: frame {missing} was requested but the video decoded only "
