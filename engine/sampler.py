@@ -198,9 +198,10 @@ class FlowUniPC(_FlowSolver):
 
     def _history_term(self, rho: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """rho * D, the einsum term of the official code (bf16 under the pipeline's autocast)."""
+        # rho stays a 0-d CPU tensor: it multiplies device tensors as a scalar, without a copy.
         if self.bf16_history:
-            return rho.to(d.device, torch.bfloat16) * d.to(torch.bfloat16)
-        return rho.to(d.device) * d
+            return rho.to(torch.bfloat16) * d.to(torch.bfloat16)
+        return rho * d
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Advance one step: sample at sigmas[i] and the model's v there -> sample at sigmas[i+1]."""

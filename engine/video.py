@@ -96,7 +96,8 @@ class _Worker:
         request = dict(request, rlimit_as_bytes=limits.max_decoder_bytes, rlimit_cpu_s=cpu_s,
                        max_frames=limits.max_frames, io_timeout_s=min(limits.timeout_s, 60.0))
         env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+               "LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "WANIMATE_DECODER_PARENT": str(os.getpid())}
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", str(_WORKER)], stdin=subprocess.PIPE,

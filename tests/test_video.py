@@ -445,6 +445,35 @@ def test_decoder_hang_times_out(clip):
     assert children() == []
 
 
+_ORPHAN = r"""
+import sys, time
+from wanimate.engine.video import iter_frames
+s = iter_frames(sys.argv[1], _fault="decode:hang")
+print(s._worker.proc.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_decoder_dies_with_its_parent(clip):
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(clip[0])], stdout=subprocess.PIPE,
+                            text=True)
+    child = int(proc.stdout.readline())
+    assert Path(f"/proc/{child}").exists()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc.stdout.close()
+    def alive() -> bool:  # a zombie awaiting a reaper (pid 1 in a container) is dead
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive()
+
+
 def test_early_close_and_gc_leave_nothing(clip):
     path, _ = clip
     fds = n_fds()
