@@ -214,22 +214,24 @@ for i in range(100000):
 def test_atomic_write_killed(tmp_path):
     """kill -9 mid-write: the final name keeps the previous complete file, the partial is left
     for cleanup_partials, and the next write works."""
-    final = tmp_path / "out.mp4"
+    final, fresh = tmp_path / "out.mp4", tmp_path / "fresh.mp4"
     old = smooth_frames(3, 48, 64, np.random.default_rng())
     write(final, old)
     before = final.read_bytes()
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(final)],
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
-    assert proc.stdout.readline().strip() == "writing"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-    proc.stdout.close()
+    for target in (final, fresh):
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target)],
+                                stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+        assert proc.stdout.readline().strip() == "writing"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc.stdout.close()
+    assert not fresh.exists()                              # never a half file under the name
     assert final.read_bytes() == before                    # untouched, still plays
     assert probe_video(final).n_frames == 3
-    partials = list(tmp_path.glob(".out.mp4.*.partial"))
-    assert len(partials) == 1
+    partials = sorted(tmp_path.glob(".*.partial"))
+    assert len(partials) == 2 and all(p.stat().st_size > 0 for p in partials)
     (tmp_path / "user.partial").write_text("not ours")     # only our pattern is removed
-    assert cleanup_partials(tmp_path) == partials
+    assert sorted(cleanup_partials(tmp_path)) == partials
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4", "user.partial"]
     write(final, old[:2])
     assert probe_video(final).n_frames == 2 and not list(tmp_path.glob(".*.partial"))
