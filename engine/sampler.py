@@ -37,6 +37,8 @@ import torch
 
 from .errors import ValidationError
 
+__all__ = ["SOLVERS", "Schedule", "make_schedule", "make_solver", "FlowUniPC", "FlowDPMPP"]
+
 SOLVERS = ("unipc", "dpm++")
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_SHIFT = 5.0

@@ -40,6 +40,10 @@ import numpy as np
 
 from .errors import MediaError, ValidationError
 
+__all__ = ["VideoInfo", "MediaLimits", "FrameStream", "probe_video", "iter_frames", "read_video",
+           "load_image", "frame_indices", "check_limits", "VideoWriter", "write_json_atomic",
+           "sidecar_payload", "cleanup_partials"]
+
 _WORKER = Path(__file__).with_name("_media_worker.py")
 
 # Container names as FFmpeg reports them (`container.format.name`).
