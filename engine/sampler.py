@@ -91,6 +91,10 @@ def make_schedule(solver: str, steps: int | Sequence[float] = 20,
     list of timesteps in (0, 1000], strictly decreasing, for few-step schedules
     (e.g. [1000, 937.5, 833.3, 625]): sigmas = t / 1000 used as given (no shift), final 0.
     unipc spaces s over [0.999, 0) (its first timestep is 999); dpm++ over [1, 0) (starts at 1000).
+
+    Solvers advance by their own step counter. (The official schedulers find their first step by
+    looking the timestep up, and take the second match when it repeats: from 251 unipc steps on,
+    the first two timesteps are both 999 and the official code skips a sigma. Not reproduced.)
     """
     if solver not in SOLVERS:
         raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
