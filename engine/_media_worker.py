@@ -28,6 +28,18 @@ def _send_json(out, tag: bytes, payload: dict) -> None:
     out.flush()
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the engine process dies, so a hung decoder never outlives it."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        return
+    if os.getppid() != int(os.environ.get("WANIMATE_DECODER_PARENT", os.getppid())):
+        os._exit(1)  # the parent died before prctl took effect
+
+
 def _apply_rlimits(req: dict) -> None:
     # No core files: a crash on a hostile file should not leave gigabytes on disk.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -148,6 +160,7 @@ def _decode(av, container, info: dict, req: dict, out) -> int:
 def main() -> int:
     # Frames go to a private dup of fd 1; fd 1 itself is pointed at stderr so that anything a
     # library prints cannot corrupt the binary stream.
+    _die_with_parent()
     out = os.fdopen(os.dup(1), "wb", buffering=1 << 20)
     os.dup2(2, 1)
     line = sys.stdin.buffer.readline()

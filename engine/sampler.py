@@ -37,6 +37,8 @@ import torch
 
 from .errors import ValidationError
 
+__all__ = ["SOLVERS", "Schedule", "make_schedule", "make_solver", "FlowUniPC", "FlowDPMPP"]
+
 SOLVERS = ("unipc", "dpm++")
 NUM_TRAIN_TIMESTEPS = 1000
 DEFAULT_SHIFT = 5.0
@@ -89,6 +91,10 @@ def make_schedule(solver: str, steps: int | Sequence[float] = 20,
     list of timesteps in (0, 1000], strictly decreasing, for few-step schedules
     (e.g. [1000, 937.5, 833.3, 625]): sigmas = t / 1000 used as given (no shift), final 0.
     unipc spaces s over [0.999, 0) (its first timestep is 999); dpm++ over [1, 0) (starts at 1000).
+
+    Solvers advance by their own step counter. (The official schedulers find their first step by
+    looking the timestep up, and take the second match when it repeats: from 251 unipc steps on,
+    the first two timesteps are both 999 and the official code skips a sigma. Not reproduced.)
     """
     if solver not in SOLVERS:
         raise ValidationError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -198,9 +204,10 @@ class FlowUniPC(_FlowSolver):
 
     def _history_term(self, rho: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """rho * D, the einsum term of the official code (bf16 under the pipeline's autocast)."""
+        # rho stays a 0-d CPU tensor: it multiplies device tensors as a scalar, without a copy.
         if self.bf16_history:
-            return rho.to(d.device, torch.bfloat16) * d.to(torch.bfloat16)
-        return rho.to(d.device) * d
+            return rho.to(torch.bfloat16) * d.to(torch.bfloat16)
+        return rho * d
 
     def step(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """Advance one step: sample at sigmas[i] and the model's v there -> sample at sigmas[i+1]."""

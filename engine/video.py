@@ -40,6 +40,10 @@ import numpy as np
 
 from .errors import MediaError, ValidationError
 
+__all__ = ["VideoInfo", "MediaLimits", "FrameStream", "probe_video", "iter_frames", "read_video",
+           "load_image", "frame_indices", "check_limits", "VideoWriter", "write_json_atomic",
+           "sidecar_payload", "cleanup_partials"]
+
 _WORKER = Path(__file__).with_name("_media_worker.py")
 
 # Container names as FFmpeg reports them (`container.format.name`).
@@ -96,7 +100,8 @@ class _Worker:
         request = dict(request, rlimit_as_bytes=limits.max_decoder_bytes, rlimit_cpu_s=cpu_s,
                        max_frames=limits.max_frames, io_timeout_s=min(limits.timeout_s, 60.0))
         env = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+               "LC_ALL": "C", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "WANIMATE_DECODER_PARENT": str(os.getpid())}
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", str(_WORKER)], stdin=subprocess.PIPE,
@@ -372,6 +377,7 @@ class FrameStream:
         unique = None if self._want is None else sorted(set(self._want))
         self.stats: dict = {}
         self._worker = None
+        self._repeat: list[np.ndarray] = []
         if self._want is not None and not self._want:
             self.info = probe_video(p, limits, _fault=_fault)
             return
@@ -381,7 +387,6 @@ class FrameStream:
                         else (self.info.height, self.info.width))
         self._pos = 0          # next position in self._want
         self._next_index = 0   # next frame index the child may send (all-frames mode)
-        self._repeat: list[np.ndarray] = []
         self._worker.send(b"go\n")
 
     def __iter__(self):
@@ -434,6 +439,9 @@ class FrameStream:
         self.stats = {"decoded_frames": int(payload.get("decoded", 0)),
                       "child_peak_rss_bytes": int(payload.get("peak_rss_bytes", 0)),
                       "decode_wait_s": self._worker.waited}
+        if self.stats["decoded_frames"] == 0:
+            raise MediaError(f"{self.path}: no frame could be decoded although the header declares "
+                             f"{self.info.n_frames}; the file is corrupt: re-encode it")
         if self._want is not None and self._pos < len(self._want):
             missing = self._want[self._pos]
             raise MediaError(f"{self.path}: frame {missing} was requested but the video decoded only "
