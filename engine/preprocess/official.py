@@ -344,6 +344,13 @@ class OfficialBackend:
     def providers(self) -> list[str]:
         return list(self.pose.get_providers())
 
+    def image(self, img: np.ndarray) -> FramePose:
+        """A still image (the reference)."""
+        return self([img])[0]
+
+    def close(self) -> None:
+        pass
+
     def __call__(self, frames: Sequence[np.ndarray]) -> list[FramePose]:
         """Detect and estimate the pose of the chosen person in each RGB frame."""
         return estimate_poses(frames, lambda x: _run_batched(self.det, x, self.batch_size),
