@@ -18,6 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .draw import LIMBS
 from .keypoints import PoseMeta
 
 DEFAULT_K = 7
@@ -107,7 +108,6 @@ def pose_region_mask(meta: PoseMeta, height: int, width: int, threshold: float =
     else:
         scale = 0.25 * max(np.ptp(pts[:, 0]), np.ptp(pts[:, 1]))
     thick = max(int(round(0.45 * scale)), 3)
-    from .draw import LIMBS
     for a, b in LIMBS:
         if ok[a] and ok[b]:
             cv2.line(mask, tuple(np.int32(body[a])), tuple(np.int32(body[b])), 1, thick)
