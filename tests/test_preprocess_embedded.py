@@ -13,7 +13,7 @@ from wanimate.engine.preprocess.pipeline import face_boxes
 from wanimate.engine.video import iter_frames, probe_video
 
 DATA = Path(__file__).parent / "data" / "prep_extra"
-VIDEO = DATA / "example_video.mp4"
+VIDEO = Path(__file__).parents[1] / "examples" / "drive.mp4"   # the official example driving video
 IMAGE = DATA / "example_image.jpeg"
 
 needs_mediapipe = pytest.mark.skipif(not E.available(), reason="mediapipe 0.10.21 not installed")
