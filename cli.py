@@ -109,6 +109,39 @@ def run(
         typer.echo("note: made by the embedded tiny model with random weights (pass --ckpt-dir for real output)")
 
 
+@app.command()
+def preprocess(
+    image: Path = typer.Option(..., help="reference image"),
+    video: Path = typer.Option(..., help="driving video"),
+    output: Path = typer.Option(..., "-o", "--output", help="folder to write (src_pose.mp4, src_face.mp4, src_ref.png, ...)"),
+    mode: str = typer.Option("animate", help="animate | replace (adds src_bg.mp4 and src_mask.mp4)"),
+    retarget: bool = typer.Option(False, help="rescale the driving skeleton's limbs to the reference's proportions"),
+    backend: str = typer.Option("auto", help="auto | embedded (MediaPipe) | official (checkpoint ONNX models)"),
+    ckpt_dir: Path = typer.Option(None, help="checkpoint folder holding process_checkpoint/ (official backend)"),
+    fps: float = typer.Option(30.0, help="resample the driving video to this fps (official default 30)"),
+    size: str = typer.Option("1280x720", help="target area WxH; frames keep their aspect ratio, multiples of 16"),
+    max_duration_s: float = typer.Option(600.0, help="longer videos are cut to this many seconds, with a warning"),
+    overwrite: bool = typer.Option(False, help="replace a non-empty output folder"),
+):
+    """Pose skeletons, 512x512 face crops and (replace) masks from a driving video, in the format
+    the official preprocessing writes."""
+    from .engine.errors import WanimateError
+    from .engine.preprocess import preprocess as run_preprocess
+
+    try:
+        w, h = _parse_size(size)
+        result = run_preprocess(image, video, output, mode=mode, retarget=retarget, backend=backend, ckpt_dir=ckpt_dir,
+                                fps=fps, resolution_area=(w, h), max_duration_s=max_duration_s, overwrite=overwrite)
+    except WanimateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"wrote {result.out_dir}: {result.n_frames} frames {result.size[0]}x{result.size[1]} at {result.fps:g} fps, "
+               f"person in {100 * result.person_rate:.0f}% of frames, backend {result.backend}, "
+               f"{result.throughput_fps:.1f} frames/s")
+
+
 # The embedded default's generation size (area as width x height): small enough for a CPU.
 EMBEDDED_AREA = (224, 128)
 
