@@ -42,9 +42,8 @@ Tiling
     what the convs see near tile edges (zero padding instead of the neighbours). Measured with
     recipe weights on smooth input (tests/test_vae.py): default 32/8 tiles on a 384x384 frame,
     decode rel L2 0.018 (error confined to the blend bands), encode 0.007; 8/4 tiles on 96x96
-    (12x12 latent), decode 0.08,
-    encode 0.03. Tiling everything, attention included (what diffusers' tiled decode does), gave
-    0.33 on the 384x384 case. Trained weights have far smaller receptive-field gain than random
+    (12x12 latent), decode 0.08, encode 0.03. Tiling everything, attention included (what
+    diffusers' tiled decode does), gave 0.33 on the 384x384 case. Trained weights have far smaller receptive-field gain than random
     ones, so these are pessimistic. The cache and the output chunks still have the full frame.
 """
 from __future__ import annotations

@@ -66,17 +66,6 @@ def test_fixture_parity():
         assert c.rel_l2 < 1e-5, c
 
 
-def test_runner_rejects_unknown_output(tmp_path):
-    from safetensors.torch import load_file, save_file
-    meta = json.loads(FIXTURE.read_text())
-    tensors = load_file(str(FIXTURE.with_suffix(".safetensors")))
-    tensors["output.something_new"] = torch.zeros(1)
-    save_file(tensors, str(tmp_path / "vae.safetensors"))
-    checks = vae_runner.run(tmp_path / "vae.json", meta)
-    bad = [c for c in checks if c.output == "output.something_new"]
-    assert len(bad) == 1 and not bad[0].passed
-
-
 # ---- names and shapes --------------------------------------------------------------------------
 
 def test_manifest_keys_and_shapes():
@@ -106,9 +95,9 @@ def test_config_from_official_rejects_unsupported():
 
 def test_stream_equals_whole_bitwise(vae):
     g, seed = _fresh_generator()
-    latent = torch.randn(1, 16, 3, 4, 6, generator=g)
+    latent = torch.randn(1, 16, 3, 2, 3, generator=g)
     whole = vae.decode(latent)
-    assert whole.shape == (1, 3, 9, 32, 48) and whole.dtype == torch.float32
+    assert whole.shape == (1, 3, 9, 16, 24) and whole.dtype == torch.float32
 
     chunks = list(vae.decode_stream(latent))
     assert [c.shape[2] for c in chunks] == [1, 4, 4]
@@ -123,7 +112,7 @@ def test_stream_equals_whole_bitwise(vae):
             parts.append(pixels)
     assert torch.equal(torch.cat(parts, dim=2), whole), seed
 
-    video = (torch.randn(1, 3, 9, 32, 48, generator=g) * 0.5).clamp(-1, 1)
+    video = (torch.randn(1, 3, 9, 16, 24, generator=g) * 0.5).clamp(-1, 1)
     encoded = vae.encode(video)
     cache, parts = None, []
     with torch.no_grad():
@@ -183,6 +172,33 @@ def test_tiled_cache_size_constant(vae):
     assert sizes[1] == sizes[-1] > 0
 
 
+def test_steady_decode_step_exports_with_cache_as_io():
+    """The design goal of the explicit cache: one steady-state decoder step is a pure function
+    (z, *cache) -> (pixels, *new_cache) that torch.export (the ONNX exporter's front end) captures;
+    the exported graph reproduces the eager step bit for bit."""
+    model = WanVAE(VAEConfig(dim=4)).eval()
+    g, seed = _fresh_generator()
+    z0, z1 = torch.randn(2, 1, 16, 1, 2, 3, generator=g)
+
+    class Step(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z, *cache):
+            pixels, new = self.vae.decode_step(z, CausalCache(tuple(cache)))
+            return (pixels, *new.tensors)
+
+    with torch.no_grad():
+        _, cache = model.decode_step(z0, None)
+        want, want_cache = model.decode_step(z1, cache)
+        program = torch.export.export(Step(model).eval(), (z1, *cache.tensors))
+        got = program.module()(z1, *cache.tensors)
+    assert torch.equal(got[0], want), seed
+    assert len(got) == 1 + len(want_cache.tensors)
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], want_cache.tensors)), seed
+
+
 def test_decode_stream_is_lazy(vae):
     """decode_stream computes one latent frame per chunk pulled (a muxer sets the pace)."""
     latent = torch.zeros(1, 16, 4, 1, 1)
@@ -228,15 +244,15 @@ def test_tiling_error_on_smooth_input(vae):
     decoder's conv receptive field (~18 latent pixels) exceeds the tiles a CPU test can afford,
     so the numbers are pessimistic. Measured (3 seeds, 12x12 latent, 2 latent frames): decode
     rel L2 0.18-0.21 (8/0 hard seams), 0.075-0.081 (8/4), 0.042-0.048 (11/6); encode (96x96 px,
-    5 frames): 0.081-0.082 (8/0), 0.028-0.035 (8/4)."""
+    5 frames): 0.081-0.082 (8/0), 0.028-0.035 (8/4); the test runs encode on 96x64."""
     g, seed = _fresh_generator()
     latent = _smooth((1, 16, 2, 12, 12), g)
     full = vae.decode(latent, clamp=False)
-    err = {t: rel_l2(vae.decode(latent, tiling=Tiling(*t), clamp=False), full) for t in [(8, 0), (8, 4), (11, 6)]}
-    assert err[(11, 6)] < err[(8, 4)] < err[(8, 0)] < 0.3, (err, seed)
-    assert err[(8, 4)] < 0.12 and err[(11, 6)] < 0.07, (err, seed)
+    err = {t: rel_l2(vae.decode(latent, tiling=Tiling(*t), clamp=False), full) for t in [(8, 0), (8, 4)]}
+    assert err[(8, 4)] < err[(8, 0)] < 0.3, (err, seed)
+    assert err[(8, 4)] < 0.12, (err, seed)
 
-    video = _smooth((1, 3, 5, 96, 96), g).clamp(-1, 1)
+    video = _smooth((1, 3, 5, 96, 64), g).clamp(-1, 1)
     full = vae.encode(video)
     err = {t: rel_l2(vae.encode(video, tiling=Tiling(*t)), full) for t in [(8, 0), (8, 4)]}
     assert err[(8, 4)] < err[(8, 0)] < 0.12, (err, seed)
@@ -270,8 +286,8 @@ def test_bf16_close_to_fp32(vae):
     g, seed = _fresh_generator()
     fast = _recipe_vae(dtype=torch.bfloat16)
     assert fast.dtype == torch.bfloat16
-    latent = torch.randn(1, 16, 2, 4, 4, generator=g)
-    video = (torch.randn(1, 3, 5, 32, 32, generator=g) * 0.5).clamp(-1, 1)
+    latent = torch.randn(1, 16, 2, 2, 3, generator=g)
+    video = (torch.randn(1, 3, 5, 16, 24, generator=g) * 0.5).clamp(-1, 1)
     dec_ref, dec = vae.decode(latent, clamp=False), fast.decode(latent, clamp=False)
     enc_ref, enc = vae.encode(video), fast.encode(video)
     assert dec.dtype == enc.dtype == torch.float32
@@ -346,8 +362,8 @@ def test_diffusers_agrees(vae):
     g, seed = _fresh_generator()
     theirs = _diffusers_vae(TINY, vae.state_dict())
     mean, inv_std = _stats(TINY)
-    video = (torch.randn(1, 3, 9, 40, 56, generator=g) * 0.5).clamp(-1, 1)
-    latent = torch.randn(1, 16, 3, 5, 7, generator=g)
+    video = (torch.randn(1, 3, 9, 24, 40, generator=g) * 0.5).clamp(-1, 1)
+    latent = torch.randn(1, 16, 3, 3, 5, generator=g)
     with torch.no_grad():
         enc_ref = (theirs.encode(video).latent_dist.mean - mean) * inv_std
         dec_ref = theirs.decode(latent / inv_std + mean).sample
@@ -383,11 +399,14 @@ def test_runner_on_other_seed_dims_shapes(tmp_path):
                "output.encoded_bf16_input": enc(video.to(torch.bfloat16).float()),
                "output.decoded": decoded,
                "output.roundtrip_encoded": enc(decoded)}
-    save_file({k: v.contiguous() for k, v in ref.items()}, str(tmp_path / "vae_other.safetensors"))
-    meta["outputs"] = {k: meta["outputs"][k] for k in ref}
-    checks = vae_runner.run(tmp_path / "vae_other.json", meta)
-    assert {c.output for c in checks} == set(ref)
-    assert all(c.passed for c in checks), checks
+    # An output the runner does not know must fail, not be skipped.
+    stored = {**ref, "output.something_new": torch.zeros(1)}
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp_path / "vae_other.safetensors"))
+    meta["outputs"] = {k: meta["outputs"].get(k, "new") for k in stored}
+    checks = {c.output: c for c in vae_runner.run(tmp_path / "vae_other.json", meta)}
+    assert set(checks) == set(stored)
+    assert not checks.pop("output.something_new").passed
+    assert all(c.passed for c in checks.values()), checks
 
 
 # ---- typed errors ----------------------------------------------------------------------------
@@ -418,7 +437,7 @@ def test_bad_inputs_raise_validation_error(vae):
     _, cache = vae.encode_step(torch.zeros(1, 3, 1, 16, 16), None)
     with pytest.raises(ValidationError, match="takes 4 frame"):
         vae.encode_step(torch.zeros(1, 3, 1, 16, 16), cache)
-    with pytest.raises(ValidationError, match="cache has"):
+    with pytest.raises(ValidationError, match="cache tensor 0 is"):
         vae.decode_step(torch.zeros(1, 16, 1, 2, 2), cache)   # an encoder cache
     for size, overlap in [(0, 0), (8, 8), (8, -1)]:
         with pytest.raises(ValidationError, match="tiling"):
