@@ -43,8 +43,9 @@ Tiling
     recipe weights on smooth input (tests/test_vae.py): default 32/8 tiles on a 384x384 frame,
     decode rel L2 0.018 (error confined to the blend bands), encode 0.007; 8/4 tiles on 96x96
     (12x12 latent), decode 0.08, encode 0.03. Tiling everything, attention included (what
-    diffusers' tiled decode does), gave 0.33 on the 384x384 case. Trained weights have far smaller receptive-field gain than random
-    ones, so these are pessimistic. The cache and the output chunks still have the full frame.
+    diffusers' tiled decode does), gave 0.33 on the 384x384 case. Random weights amplify edge
+    effects far more than trained ones, so these numbers are pessimistic. Tiling bounds the
+    per-step activations only: the tiles' caches together still cover the full frame.
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ class _StepState:
             return None
         if self.cursor >= len(self.past):
             raise ValidationError(f"cache has {len(self.past)} tensors, this step needs more: pass the "
-                                  "cache this model's same kind of step (encode or decode) returned")
+                                  "cache returned by the previous step of the same stream")
         t = self.past[self.cursor]
         b, c, _, h, w = like.shape
         if tuple(t.shape) != (b, c, frames, h, w) or t.dtype != like.dtype:
