@@ -2,7 +2,12 @@
 that tests and servers call directly; no logic lives only here."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before torch is imported (commands import it lazily): idle OpenMP threads sleep instead of
+# spinning, which on small shared CPU machines is the difference between seconds and minutes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer
 
