@@ -99,25 +99,33 @@ def _triton_kernels():
     return kernels
 
 
-def _load_triton() -> AttentionFn:
+def _config(kernels, kernel: str, spec: str, device: torch.device):
+    return kernels.parse_config(spec) if spec else kernels.default_config(kernel, device)
+
+
+def _load_triton(spec: str = "") -> AttentionFn:
     kernels = _triton_kernels()
+    if spec:
+        kernels.parse_config(spec)                                    # fail at selection time
 
     def triton_attention(q, k, v):
-        cfg = kernels.default_config("triton", q.device)
+        cfg = _config(kernels, "triton", spec, q.device)
         return kernels.triton_attention_op(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
     return triton_attention
 
 
-def _load_sage() -> AttentionFn:
+def _load_sage(spec: str = "") -> AttentionFn:
     kernels = _triton_kernels()
+    if spec:
+        kernels.parse_config(spec)
 
     def sage_attention(q, k, v):
-        cfg = kernels.default_config("sage", q.device)
+        cfg = _config(kernels, "sage", spec, q.device)
         return kernels.sage_attention_op(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, 1)
     return sage_attention
 
 
-BACKENDS: Mapping[str, Callable[[], AttentionFn]] = MappingProxyType({
+BACKENDS: Mapping[str, Callable[..., AttentionFn]] = MappingProxyType({
     "sdpa": _load_sdpa,
     "flash": _load_flash,
     "xformers": _load_xformers,
@@ -129,15 +137,30 @@ BACKENDS: Mapping[str, Callable[[], AttentionFn]] = MappingProxyType({
 EXACT_BACKENDS = frozenset({"sdpa", "flash", "xformers", "triton"})
 
 
+# Names may carry a kernel config for the Triton backends: "sage:128x64x8x3" is BLOCK_M x BLOCK_N
+# x num_warps x num_stages (what bench/attention.py's sweep prints); a plain name uses the
+# per-GPU default table in kernels/attention.py.
+CONFIGURABLE = frozenset({"triton", "sage"})
+
+
 def available_backends() -> list[str]:
     """Every registered name (installed or not; `get_backend` says what is missing)."""
     return sorted(BACKENDS)
 
 
-def get_backend(name: str) -> AttentionFn:
-    if name not in BACKENDS:
+def _split(name: str) -> tuple[str, str]:
+    base, _, spec = name.partition(":")
+    if base not in BACKENDS:
         raise ValidationError(f"unknown attention backend {name!r}; choose one of {available_backends()}")
-    return BACKENDS[name]()
+    if spec and base not in CONFIGURABLE:
+        raise ValidationError(f"attention backend {base!r} takes no kernel config (got {name!r}); only "
+                              f"{sorted(CONFIGURABLE)} do, as 'sage:128x64x8x3'")
+    return base, spec
+
+
+def get_backend(name: str) -> AttentionFn:
+    base, spec = _split(name)
+    return BACKENDS[base](spec) if spec else BACKENDS[base]()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
@@ -172,7 +195,7 @@ def _kinds(which: str | Iterable[str]) -> set[str]:
 
 def set_attention_backend(model: nn.Module, name: str, *, which: str | Iterable[str] = ("self",)) -> nn.Module:
     """Route the chosen attention modules of `model` through backend `name` (in place; returns the
-    model). `which`: 'all' or any of 'self' (the 75k-token self-attention, where the time goes),
+    model; 'sage:128x64x8x3' pins a kernel config). `which`: 'all' or any of 'self' (the 75k-token self-attention, where the time goes),
     'cross' (text/CLIP context) and 'face' (5 motion tokens per frame). The backend is loaded
     here, so a missing package fails before the first step, not inside it."""
     get_backend(name)
@@ -197,13 +220,12 @@ def attention_report(model: nn.Module) -> dict:
             names.setdefault(kind, set()).add(module.backend)
     report: dict = {kind: (next(iter(n)) if len(n) == 1 else "mixed:" + ",".join(sorted(n)))
                     for kind, n in sorted(names.items())}
-    used = set().union(*names.values()) if names else set()
-    triton_used = sorted(used & {"triton", "sage"})
-    if triton_used:
+    used = sorted(n for n in set().union(*names.values()) if _split(n)[0] in CONFIGURABLE) if names else []
+    if used:
         kernels = _triton_kernels()
         import triton
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        report["kernels"] = {n: kernels.default_config(n, device).as_dict() for n in triton_used}
+        report["kernels"] = {n: _config(kernels, _split(n)[0], _split(n)[1], device).as_dict() for n in used}
         report["triton_version"] = triton.__version__
     return report
 
@@ -222,6 +244,5 @@ def attention_schedule(steps: int, backend: str, exact_first: int = 1, exact_las
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValidationError(f"attention_schedule: {label}={n!r} must be a non-negative integer")
     for name in (backend, exact):
-        if name not in BACKENDS:
-            raise ValidationError(f"unknown attention backend {name!r}; choose one of {available_backends()}")
+        _split(name)
     return [exact if i < exact_first or i >= steps - exact_last else backend for i in range(steps)]

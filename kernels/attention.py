@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -85,21 +87,33 @@ class AttnConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def spec(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}"
+
 
 # Chosen per (kernel, compute capability) from bench/attention.py's sweep on an H100/H200: BLOCK_M
 # 128 over 8 warps puts 64 query rows on each warpgroup (one wgmma M tile per warpgroup) and keeps
 # the fp32 accumulator at 64 registers per thread. The lead re-derives these with
 # `python -m wanimate.bench.attention --sweep` and edits this table; a config can also be passed
 # per call. (sm90 entries: see the bench JSON `chosen_config`.)
-DEFAULT_CONFIGS: dict[tuple[str, int], AttnConfig] = {
+DEFAULT_CONFIGS: Mapping[tuple[str, int], AttnConfig] = MappingProxyType({
     ("sage", 9): AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
     ("triton", 9): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     ("sage", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
     ("triton", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
-}
+})
 # The interpreter walks every program in Python: small tiles keep CPU tests fast and still
 # exercise several key tiles, the masked tail and several query blocks.
 INTERPRETER_CONFIG = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+
+
+def parse_config(spec: str) -> AttnConfig:
+    """'128x64x8x3' (BLOCK_M x BLOCK_N x num_warps x num_stages) -> AttnConfig."""
+    parts = spec.split("x")
+    if len(parts) != 4 or not all(p.isdigit() for p in parts):
+        raise ValidationError(f"kernel config {spec!r} must read BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 128x64x8x3")
+    return AttnConfig(*(int(p) for p in parts))
 
 
 def default_config(kernel: str, device: torch.device) -> AttnConfig:

@@ -271,6 +271,13 @@ def test_set_backend_and_report():
         E.set_attention_backend(model, "flash3")
     with pytest.raises(ValidationError, match="no"):
         E.set_attention_backend(torch.nn.Linear(2, 2), "sdpa")
+    # A pinned kernel config travels in the name and shows in the report.
+    E.set_attention_backend(model, "sage:64x32x4x2")
+    assert E.attention_report(model)["kernels"]["sage:64x32x4x2"] == dict(block_m=64, block_n=32, num_warps=4,
+                                                                         num_stages=2)
+    for bad in ("sage:64x32x4", "sage:64x48x4x2", "sdpa:64x32x4x2"):
+        with pytest.raises(ValidationError):
+            E.set_attention_backend(model, bad)
 
 
 def test_attention_schedule():
@@ -299,8 +306,8 @@ def test_tiny_dit_end_to_end_with_each_backend():
     with torch.no_grad():
         ref = model(*x)
         results = {}
-        for name, which, bound in (("triton", "self", 1e-5), ("triton", "all", 1e-5),
-                                   ("sage", "self", 0.03), ("sage", "all", 0.05)):
+        for name, which, bound in (("triton", "self", 1e-5), ("triton:16x16x4x1", "all", 1e-5),
+                                   ("sage", "self", 0.03), ("sage:32x64x4x1", "all", 0.05)):
             E.set_attention_backend(model, name, which=which)
             got = model(*x)
             E.set_attention_backend(model, "sdpa", which="all")
