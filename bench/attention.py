@@ -7,6 +7,8 @@ kernels, and the 14B DiT forward at 480p / 720p with each backend.
     python -m wanimate.bench.attention --smoke               # CPU, TRITON_INTERPRET=1, toy sizes
 
 Sections, in order (the JSON is rewritten after every row, so a timeout keeps what finished):
+  compile  (only on request; no GPU needed) every sweep candidate compiled for sm_90 by Triton's
+           bundled ptxas: registers, spills, shared memory, instructions per key tile
   sweep    each candidate config of the 'sage' and 'triton' kernels at the largest token count:
            time + error; the fastest correct one is `chosen_config` and is used below
   kernels  B=1, H=40, D=128 bf16 at 32,760 / 34,320 / 75,600 tokens: sdpa, flash / xformers (if
@@ -42,14 +44,81 @@ FRAMES = 77                                   # as the diffusers baseline: 20 la
 
 
 def sweep_candidates(kernel: str, A) -> list:
-    """Hopper-minded candidates: BLOCK_M 128 over 8 warps (one 64-row wgmma tile per warpgroup),
-    BLOCK_N 64/128, 2-4 pipeline stages; one BLOCK_M 64 / 4-warp config as a control."""
+    """Hopper-minded candidates. BLOCK_M 128 over 8 warps: one 64-row wgmma tile per warpgroup, 1
+    CTA per SM. BLOCK_M 64 over 4 warps with TMA: ~185 registers, so 2 independent CTAs per SM
+    whose softmax and MMAs fall out of phase (what FA3's ping-pong schedules by hand). TMA (sage
+    only) frees ~70 registers at 128x128 (255 -> ~180, offline sm_90 compile)."""
     C = A.AttnConfig
     if kernel == "sage":     # int8/fp8 tiles: a 128x128 K + V stage is 32 KB
-        return [C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 128, 8, 4), C(128, 64, 8, 2), C(128, 64, 8, 3),
-                C(128, 64, 8, 4), C(64, 128, 4, 3)]
-    return [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 128, 8, 2), C(128, 128, 8, 3),
-            C(64, 64, 4, 3)]
+        return [C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 64, 8, 3),
+                C(128, 128, 8, 2, True), C(128, 128, 8, 3, True), C(128, 128, 8, 4, True), C(128, 64, 8, 3, True),
+                C(64, 128, 4, 2, True), C(64, 128, 4, 3, True), C(64, 64, 4, 3, True)]
+    return [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 128, 8, 2), C(64, 64, 4, 3),
+            C(64, 128, 4, 2)]
+
+
+def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_DIM) -> dict:
+    """Compile one kernel for sm_<capability> without a GPU (Triton's bundled ptxas) and read its
+    resources and its inner key loop from the SASS: registers, stack (spills), shared memory,
+    instructions per key tile. The input specialization matches a real call (16-byte aligned
+    pointers, strides divisible by 16), else Triton would emit scalar loads."""
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from wanimate.kernels import attention as A
+    d = head_dim
+    if kernel == "sage":
+        fn = A._sage_fwd
+        sig = {"Q8": "*i8", "QS": "*fp32", "K8": "*i8", "KS": "*fp32", "VT8": "*fp8e4nv", "VS": "*fp32",
+               "VM": "*fp32", "O": "*bf16", "sob": "i32", "sol": "i32", "soh": "i32", "H": "i32", "Lq": "i32",
+               "Lk": "i32", "LQP": "i32", "LKP": "i32"}
+        if cfg.tma:
+            sig.update(Q8=f"tensordesc<i8[{cfg.block_m}, {d}]>", K8=f"tensordesc<i8[{cfg.block_n}, {d}]>",
+                       VT8=f"tensordesc<fp8e4nv[{d}, {cfg.block_n}]>")
+        consts = {"D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "TMA": cfg.tma, "INTERP": False}
+    else:
+        fn = A._attn_fwd
+        sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16"}
+        sig.update({n: "i32" for n in ("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh",
+                                       "sob", "sol", "soh", "H", "Lq", "Lk")})
+        sig["qk_scale"] = "fp32"
+        consts = {"D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "INTERP": False}
+    sig.update({k: "constexpr" for k in consts})
+    unaligned = {"H", "Lq", "Lk", "qk_scale"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(sig.items())
+             if t != "constexpr" and not t.startswith("tensordesc") and n not in unaligned}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", capability, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    rec = {"shared_kib": round(k.metadata.shared / 1024, 1)}
+    if not tool.exists():
+        return rec | {"note": "no cuobjdump in this triton wheel"}
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        res = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", res, re.S)
+    rec.update(registers=int(m.group(1)), stack_bytes=int(m.group(2)))
+    ins = [(int(a, 16), t.strip()) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, txt in ins:                       # backward branches = loops; the first is the main one
+        b = re.search(r"BRA\s+0x([0-9a-f]+)", txt)
+        if b and int(b.group(1), 16) < addr:
+            loops.append([t for a, t in ins if int(b.group(1), 16) <= a <= addr])
+    if loops:
+        body = loops[0]
+        op = lambda t: (t.split()[1] if t.startswith("@") else t.split()[0])
+        rec.update(loop_instructions=len(body), loop_mufu=sum(op(t).startswith("MUFU") for t in body),
+                   loop_mma=sum("GMMA" in op(t) for t in body),
+                   loop_bar=sum(op(t).startswith("BAR") for t in body))
+    return rec
 
 
 class Bench:
@@ -151,6 +220,15 @@ class Bench:
         print(f"[{section}] " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
         return r
 
+    # -- offline compile (no GPU needed) ----------------------------------------------------
+
+    def compile(self):
+        from wanimate.kernels import attention as A
+        for kernel in ("sage", "triton"):
+            for cfg in sweep_candidates(kernel, A):
+                self.row("compile", lambda c=cfg: compile_report(kernel, c, head_dim=HEAD_DIM),
+                         kernel=kernel, config=cfg.spec, target="sm_90")
+
     # -- kernels ----------------------------------------------------------------------------
 
     def qkv(self, tokens: int):
@@ -176,7 +254,8 @@ class Bench:
         tol = {"sage": 0.05, "triton": 0.01}
         cands = {"sage": sweep_candidates("sage", A), "triton": sweep_candidates("triton", A)}
         if self.args.smoke:
-            cands = {n: [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1)] for n in cands}
+            cands = {"sage": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1, True)],
+                     "triton": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1)]}
         for kernel, configs in cands.items():
             best = None
             for cfg in configs:
@@ -369,6 +448,14 @@ class Bench:
 
     def summary(self):
         rows = self.result["rows"]
+        comp = [r for r in rows if r["section"] == "compile"]
+        if comp:
+            print("\n== offline sm_90 compile: registers / spill stack / shared KiB / instructions per key tile")
+            for r in comp:
+                print(f"{r['kernel']:<7} {r['config']:<18} " + (
+                    f"regs {r.get('registers')} stack {r.get('stack_bytes')} smem {r.get('shared_kib')} "
+                    f"loop {r.get('loop_instructions')} (MUFU {r.get('loop_mufu')}, MMA {r.get('loop_mma')}, "
+                    f"BAR {r.get('loop_bar')})" if r["status"] == "ok" else r.get("error", "")))
         print("\n== attention kernels (TFLOP/s-equivalent = 4 L^2 H D / t; error vs fp32 SDPA, first 4 heads)")
         print(f"{'tokens':>7} {'backend':<22} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'cos':>9} {'rel_l2':>8}")
         for r in rows:
@@ -399,7 +486,8 @@ class Bench:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="JSON path or directory (default $OUT/attention_bench.json)")
-    ap.add_argument("--sections", default="sweep,kernels,dit", help="comma list of sweep,kernels,dit")
+    ap.add_argument("--sections", default="sweep,kernels,dit",
+                    help="comma list of sweep,kernels,dit; 'compile' (offline sm_90 compile, no GPU) on request")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--sweep-tokens", type=int, default=75600)
     ap.add_argument("--resolutions", default="480p,720p")
@@ -414,7 +502,7 @@ def parse(argv=None):
     args.sections = [s for s in args.sections.split(",") if s]
     args.tokens = [int(t) for t in args.tokens.split(",") if t]
     args.resolutions = [r for r in args.resolutions.split(",") if r]
-    bad = set(args.sections) - {"sweep", "kernels", "dit"} or set(args.resolutions) - set(RESOLUTIONS)
+    bad = set(args.sections) - {"compile", "sweep", "kernels", "dit"} or set(args.resolutions) - set(RESOLUTIONS)
     if bad:
         ap.error(f"unknown sections/resolutions: {sorted(bad)}")
     return args
@@ -432,11 +520,13 @@ def main(argv=None) -> int:
         args.reps = args.sweep_reps = args.dit_reps = 1
     else:
         b.heads, b.head_dim, args.preset = HEADS, HEAD_DIM, "14b"
-        if not b.cuda:
-            print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
+        if not b.cuda and set(args.sections) - {"compile"}:
+            print("no CUDA device: run with --smoke, or --sections compile, on a CPU", file=sys.stderr)
             return 2
     print(json.dumps(b.result["env"]), flush=True)
     t0 = time.time()
+    if "compile" in args.sections:
+        b.compile()
     if "sweep" in args.sections:
         b.sweep(args.sweep_tokens)
     if "kernels" in args.sections:

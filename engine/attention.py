@@ -121,7 +121,8 @@ def _load_sage(spec: str = "") -> AttentionFn:
 
     def sage_attention(q, k, v):
         cfg = _config(kernels, "sage", spec, q.device)
-        return kernels.sage_attention_op(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, 1)
+        return kernels.sage_attention_op(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, 1,
+                                         cfg.tma)
     return sage_attention
 
 

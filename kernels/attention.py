@@ -75,6 +75,7 @@ class AttnConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    tma: bool = False           # sage only: tiles through TMA descriptors instead of pointers
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -89,16 +90,17 @@ class AttnConfig:
 
     @property
     def spec(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}"
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}" + ("xtma" if self.tma else "")
 
 
-# Chosen per (kernel, compute capability) from bench/attention.py's sweep on an H100/H200: BLOCK_M
-# 128 over 8 warps puts 64 query rows on each warpgroup (one wgmma M tile per warpgroup) and keeps
-# the fp32 accumulator at 64 registers per thread. The lead re-derives these with
-# `python -m wanimate.bench.attention --sweep` and edits this table; a config can also be passed
-# per call. (sm90 entries: see the bench JSON `chosen_config`.)
+# Per (kernel, compute capability major). Not yet measured on a GPU: chosen from an offline sm_90
+# compile (triton 3.6 and 3.9, `python -m wanimate.bench.attention --sections compile`): no
+# register spills, fewest instructions per key tile. BLOCK_M 128 over 8 warps puts 64 query rows
+# on each warpgroup (one wgmma M tile each). sage 128x128 with pointer loads sits at 253-255
+# registers; with TMA descriptors at ~180. bench/attention.py's sweep times all candidates on the
+# GPU and prints `chosen_config`; put the winners here (or pin one per run: 'sage:128x64x8x3').
 DEFAULT_CONFIGS: Mapping[tuple[str, int], AttnConfig] = MappingProxyType({
-    ("sage", 9): AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3),
+    ("sage", 9): AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
     ("triton", 9): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     ("sage", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
     ("triton", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
@@ -109,11 +111,12 @@ INTERPRETER_CONFIG = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=
 
 
 def parse_config(spec: str) -> AttnConfig:
-    """'128x64x8x3' (BLOCK_M x BLOCK_N x num_warps x num_stages) -> AttnConfig."""
+    """'128x64x8x3' (BLOCK_M x BLOCK_N x num_warps x num_stages, optionally 'xtma') -> AttnConfig."""
     parts = spec.split("x")
-    if len(parts) != 4 or not all(p.isdigit() for p in parts):
-        raise ValidationError(f"kernel config {spec!r} must read BLOCK_MxBLOCK_NxWARPSxSTAGES, e.g. 128x64x8x3")
-    return AttnConfig(*(int(p) for p in parts))
+    tma = len(parts) == 5 and parts[4] == "tma"
+    if len(parts) - tma != 4 or not all(p.isdigit() for p in parts[:4]):
+        raise ValidationError(f"kernel config {spec!r} must read BLOCK_MxBLOCK_NxWARPSxSTAGES[xtma], e.g. 128x64x8x3")
+    return AttnConfig(*(int(p) for p in parts[:4]), tma=tma)
 
 
 def default_config(kernel: str, device: torch.device) -> AttnConfig:
@@ -364,12 +367,15 @@ if triton is not None:
         tl.store(XQ + base + cols[None, :] * LP + rows[:, None], xq)
 
     @triton.jit
-    def _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, j_lo, j_hi, Lk, LKP,
+    def _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, j_lo, j_hi, Lk, LKP,
                     offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK: tl.constexpr, INTERP: tl.constexpr):
+                    MASK: tl.constexpr, TMA: tl.constexpr, INTERP: tl.constexpr):
         for j in range(j_lo, j_hi):
             start_n = j * BLOCK_N
-            k = tl.load(K8 + (start_n + offs_n[:, None]) * D + offs_d[None, :])     # [BN, D] int8
+            if TMA:
+                k = K8.load([k_row0 + start_n, 0])                                   # [BN, D] int8
+            else:
+                k = tl.load(K8 + (start_n + offs_n[:, None]) * D + offs_d[None, :])
             s = tl.dot(q, tl.trans(k))                                             # [BM, BN] int32
             f = qs * tl.load(KS + j)                                               # [BM]
             if MASK:
@@ -386,7 +392,10 @@ if triton is not None:
             p = tl.math.exp2(t)                                 # 448 * exp2(s*f - m_new) <= 448
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(VT8 + offs_d[:, None] * LKP + (start_n + offs_n[None, :]))  # [D, BN] e4m3
+            if TMA:
+                vt = VT8.load([v_row0, start_n])                                     # [D, BN] e4m3
+            else:
+                vt = tl.load(VT8 + offs_d[:, None] * LKP + (start_n + offs_n[None, :]))
             # A fresh fp32 product per tile, added in fp32: the two-level accumulation.
             acc = tl.fma(acc, alpha[:, None], tl.dot(_to_fp8(p, INTERP), tl.trans(vt)))
             m_i = m_new
@@ -397,7 +406,10 @@ if triton is not None:
                   sob, sol, soh,
                   H, Lq, Lk, LQP, LKP,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  INTERP: tl.constexpr):
+                  TMA: tl.constexpr, INTERP: tl.constexpr):
+        """Q8, K8, VT8 are pointers, or with TMA tensor descriptors over their 2-D views
+        [B*H*LQP, D], [B*H*LKP, D], [B*H*D, LKP] (block [BLOCK_M, D], [BLOCK_N, D], [D, BLOCK_N]):
+        the copy engine then moves the tiles, which saves the address registers and instructions."""
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -406,21 +418,26 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
         q_base = pid_bh.to(tl.int64) * LQP
-        q = tl.load(Q8 + (q_base + offs_m[:, None]) * D + offs_d[None, :])       # padded: no mask
+        if TMA:
+            q = Q8.load([pid_bh * LQP + pid_m * BLOCK_M, 0])
+        else:
+            q = tl.load(Q8 + (q_base + offs_m[:, None]) * D + offs_d[None, :])   # padded: no mask
+            K8 = K8 + pid_bh.to(tl.int64) * LKP * D
+            VT8 = VT8 + pid_bh.to(tl.int64) * D * LKP
         qs = tl.load(QS + q_base + offs_m)
-        K8 = K8 + pid_bh.to(tl.int64) * LKP * D
         KS = KS + pid_bh * (LKP // BLOCK_N)
-        VT8 = VT8 + pid_bh.to(tl.int64) * D * LKP
+        k_row0 = pid_bh * LKP
+        v_row0 = pid_bh * D
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         n_full = Lk // BLOCK_N
-        acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, 0, n_full, Lk, LKP,
-                                    offs_n, offs_d, D, BLOCK_N, False, INTERP)
+        acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, 0, n_full, Lk, LKP,
+                                    offs_n, offs_d, D, BLOCK_N, False, TMA, INTERP)
         if n_full * BLOCK_N < Lk:
-            acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, n_full, n_full + 1, Lk, LKP,
-                                        offs_n, offs_d, D, BLOCK_N, True, INTERP)
+            acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, n_full, n_full + 1,
+                                        Lk, LKP, offs_n, offs_d, D, BLOCK_N, True, TMA, INTERP)
         vs = tl.load(VS + pid_bh * D + offs_d)
         vm = tl.load(VM + pid_bh * D + offs_d)
         out = acc * (1.0 / l_i)[:, None] * vs[None, :] + vm[None, :]
@@ -576,11 +593,17 @@ def sage_attention_quantized(qq: QuantizedQKV, q_shape, lk: int, dtype: torch.dt
     if qq.block_n != cfg.block_n or qq.q8.shape[2] % cfg.block_m:
         raise ValidationError(f"operands quantized for block_n={qq.block_n} do not fit config {cfg}")
     out = torch.empty(b, lq, h, d, dtype=dtype, device=qq.q8.device)
+    q8, k8, vt8 = qq.q8, qq.k8, qq.vt8
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        q8 = TensorDescriptor.from_tensor(q8.view(-1, d), [cfg.block_m, d])
+        k8 = TensorDescriptor.from_tensor(k8.view(-1, d), [cfg.block_n, d])
+        vt8 = TensorDescriptor.from_tensor(vt8.view(-1, vt8.shape[-1]), [d, cfg.block_n])
     _sage_fwd[(triton.cdiv(lq, cfg.block_m), b * h)](
-        qq.q8, qq.q_scale, qq.k8, qq.k_scale, qq.vt8, qq.v_scale, qq.v_mean, out,
+        q8, qq.q_scale, k8, qq.k_scale, vt8, qq.v_scale, qq.v_mean, out,
         out.stride(0), out.stride(1), out.stride(2),
         h, lq, lk, qq.q8.shape[2], qq.k8.shape[2],
-        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERP=kernels_interpreted(),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=cfg.tma, INTERP=kernels_interpreted(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -591,6 +614,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check_qkv(q, k, v)
     use_kernel(q)
     cfg = config or default_config("triton", q.device)
+    if cfg.tma:
+        raise ValidationError("the tma option applies to the sage kernel only")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, lq, h, d = q.shape
     out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
@@ -610,12 +635,12 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 @torch.library.custom_op("wanimate::sage_attention", mutates_args=())
 def sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
-                      num_warps: int, num_stages: int, q_group: int) -> torch.Tensor:
-    return sage_attention(q, k, v, config=AttnConfig(block_m, block_n, num_warps, num_stages), q_group=q_group)
+                      num_warps: int, num_stages: int, q_group: int, tma: bool = False) -> torch.Tensor:
+    return sage_attention(q, k, v, config=AttnConfig(block_m, block_n, num_warps, num_stages, tma), q_group=q_group)
 
 
 @sage_attention_op.register_fake
-def _(q, k, v, block_m, block_n, num_warps, num_stages, q_group):
+def _(q, k, v, block_m, block_n, num_warps, num_stages, q_group, tma=False):
     return q.new_empty(q.shape)
 
 

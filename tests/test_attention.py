@@ -10,6 +10,7 @@ the interpreter tests re-run themselves in a child process.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import subprocess
@@ -132,6 +133,17 @@ def test_sage_kernel_matches_simulation(shape):
 
 
 @kernel_test
+def test_sage_kernel_tma_descriptors_match_pointer_loads():
+    """The TMA variant reads the same quantized operands through tensor descriptors."""
+    q, k, v = A.wan_like_qkv(2, 70, 2, 64, lk=45, seed=9, device=DEVICE)
+    base = CFG or A.default_config("sage", q.device)
+    ptr = A.AttnConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, tma=False)
+    tma = A.AttnConfig(base.block_m, base.block_n, base.num_warps, base.num_stages, tma=True)
+    got, ref = A.sage_attention(q, k, v, config=tma), A.sage_attention(q, k, v, config=ptr)
+    assert stats(got.cpu(), ref.cpu())[1] < 1e-3
+
+
+@kernel_test
 def test_sage_kernel_q_groups_and_no_rotation():
     q, k, v = A.wan_like_qkv(1, 64, 2, 64, lk=80, seed=5, device=DEVICE)
     cfg = CFG or A.default_config("sage", q.device)
@@ -201,6 +213,27 @@ def test_custom_ops_and_fake_shapes():
         assert torch.ops.wanimate.triton_attention(fq, fk, fk, 128, 64, 8, 3).shape == fq.shape
 
 
+@pytest.mark.slow
+def test_default_configs_compile_for_sm90_without_spills():
+    """Offline sm_90 compile with Triton's bundled ptxas (no GPU): the default Hopper configs must
+    not spill registers, and the sage loop must issue its two MMAs per key tile on wgmma."""
+    pytest.importorskip("triton")
+    # A child without the interpreter: compiling needs the real @triton.jit kernels.
+    code = ("import json; from wanimate.bench.attention import compile_report; "
+            "from wanimate.kernels.attention import DEFAULT_CONFIGS as C; "
+            "print(json.dumps({k: compile_report(k, C[(k, 9)]) for k in ('sage', 'triton')}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = json.loads(r.stdout.strip().splitlines()[-1])
+    for kernel, rec in reports.items():
+        cfg = A.DEFAULT_CONFIGS[(kernel, 9)]
+        if "registers" not in rec:
+            pytest.skip(rec.get("note", "no SASS tools"))
+        assert rec["stack_bytes"] == 0 and rec["registers"] <= 255, (kernel, rec)
+        assert rec["loop_mma"] >= 2 and rec["loop_mufu"] >= cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+
+
 def test_kernel_input_validation():
     q = torch.randn(1, 8, 2, 48)
     with pytest.raises(ValidationError, match="power of two"):
@@ -215,6 +248,11 @@ def test_kernel_input_validation():
         A.triton_attention(x, x, x)
     with pytest.raises(ValidationError, match="power of two"):
         A.AttnConfig(block_m=96)
+    with pytest.raises(ValidationError, match="sage kernel only"):
+        x = torch.randn(1, 8, 2, 32)
+        A.triton_attention(x, x, x, config=A.AttnConfig(32, 32, 4, 1, tma=True))
+    assert A.parse_config("128x64x8x3xtma") == A.AttnConfig(128, 64, 8, 3, True)
+    assert A.parse_config(A.AttnConfig(64, 32, 4, 2).spec) == A.AttnConfig(64, 32, 4, 2)
     with pytest.raises(ValidationError, match="q_group"):
         x = torch.randn(1, 8, 2, 32)
         A.quantize_qkv(x, x, x, block_m=32, block_n=32, q_group=3)
@@ -258,7 +296,7 @@ def test_set_backend_and_report():
     assert E.set_attention_backend(model, "triton") is model
     report = E.attention_report(model)
     assert report["self"] == "triton" and report["cross"] == "sdpa" and report["face"] == "sdpa"
-    assert set(report["kernels"]["triton"]) == {"block_m", "block_n", "num_warps", "num_stages"}
+    assert set(report["kernels"]["triton"]) == {"block_m", "block_n", "num_warps", "num_stages", "tma"}
     E.set_attention_backend(model, "sage", which="all")
     assert {k: E.attention_report(model)[k] for k in E.ATTENTION_KINDS} == dict.fromkeys(E.ATTENTION_KINDS, "sage")
     model.blocks[0].self_attn.backend = "sdpa"
@@ -274,7 +312,7 @@ def test_set_backend_and_report():
     # A pinned kernel config travels in the name and shows in the report.
     E.set_attention_backend(model, "sage:64x32x4x2")
     assert E.attention_report(model)["kernels"]["sage:64x32x4x2"] == dict(block_m=64, block_n=32, num_warps=4,
-                                                                         num_stages=2)
+                                                                         num_stages=2, tma=False)
     for bad in ("sage:64x32x4", "sage:64x48x4x2", "sdpa:64x32x4x2"):
         with pytest.raises(ValidationError):
             E.set_attention_backend(model, bad)
