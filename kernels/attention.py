@@ -3,39 +3,47 @@
 Layout everywhere is [B, L, H, D] (the engine's), softmax scale 1/sqrt(D), no mask, non-causal,
 any Lq and Lk (the last key tile is masked), head dim a power of two.
 
-The quantized kernel does what SageAttention2 does (thu-ml/SageAttention, ENGINES.md §1.9), in
-Triton:
+The quantized kernel follows SageAttention2 (thu-ml/SageAttention, ENGINES.md §1.9), in Triton:
   * S = Q·Kᵀ in INT8 with an int32 accumulator. Q is quantized per query token (the kernel applies
-    the Q scale as a per-row factor, which the softmax needs anyway, so a finer Q granularity is
-    free) or per block of `q_group` tokens; K per block of BLOCK_N keys, after subtracting the
-    per-head mean of K over all keys. That mean shifts every score of a query row by the same
-    q·mean(K), which the softmax ignores, and it removes the large constant channels of DiT keys
-    that would otherwise waste the int8 range.
+    the Q scale as a per-row factor, which the softmax step needs anyway, so the finest Q
+    granularity is free) or per block of `q_group` tokens; K per block of BLOCK_N keys, after
+    subtracting the per-head mean of K over all keys. That mean shifts every score of a query row
+    by the same q·mean(K), which the softmax ignores, and removes the large constant channels of
+    DiT keys that would otherwise waste the int8 range.
+  * Before quantizing, q and k are both multiplied by R = diag(±1)·Hadamard (R Rᵀ = D·I, so
+    (qR)(kR)ᵀ = D·qkᵀ; FlashAttention-3's "incoherent processing"). It spreads the few 10-50x
+    channels of DiT queries over all D channels, so one int8 scale per token fits them: on such
+    activations the error falls 1.5-2x (tests). It is a [tile, D] x [D, D] matmul with ±1 entries
+    inside the quantization kernel (exact products, fp32 sums).
   * P·V in FP8 e4m3 with fp32 accumulation per key tile (two-level accumulation: each tile's
     product starts from zero and is added to the fp32 accumulator, so the tensor core's
     reduced-precision fp8 accumulation only ever spans BLOCK_N keys). P is exp2(...) scaled by
-    448 so it fills the e4m3 range; V is quantized per channel (per head) over all tokens.
-  * log2(e)/sqrt(D) is folded into the Q scale, 448 into the exponent, and the V scale is applied
-    once at the end, so the inner loop spends one FFMA and one exp2 per score.
+    448 so it fills the e4m3 range; V minus its per-channel mean (added back at the end: softmax
+    rows sum to one) is quantized per channel over all tokens.
+  * log2(e)/sqrt(D) is folded into the Q scale, 448 into the exponent, and the V scale and mean
+    are applied once at the end, so the inner loop spends one FFMA and one exp2 per score.
   * The int32 scores become floats without I2F (which issues at the transcendental rate on
-    Hopper, as slow as exp2): |s| <= 127*127*D < 2^22, so float_bits(s + 0x4B400000) - 1.5*2^23
-    equals s exactly with one integer add and one float add.
+    Hopper, as slow as exp2): |s| <= 127*127*D < 2^22, so float_bits(s + 0x4B400000) is exactly
+    1.5*2^23 + s: one integer add, and the offset leaves inside the FFMA's per-row bias.
+  * Tiles come in through pointers (cp.async) or, with `tma=True`, through TMA descriptors over
+    the quantized buffers: same math, ~70 fewer registers per thread at 128x128 (sm_90 compile).
 
-Quantization is its own small Triton kernel (`quantize_qkv`): it reads each of Q, K, V once more
-than the attention does (about 1% of the attention time at 75,600 tokens), and leaves Q/K as
-per-head contiguous int8 and V transposed ([D, L], keys contiguous), the K-major layout the fp8
-wgmma needs for its B operand. RoPE is not fused into the prologue: the model applies it before
-calling attention, and fusing it would save one pass over q and k (~0.4 ms at 720p per layer
-against ~110 ms of attention), which does not pay for the coupling.
+Quantization is its own small Triton kernel (`quantize_qkv`) plus three token reductions in torch
+(K mean, V mean, V min/max): it reads Q, K, V about twice more than the attention does (~1% of
+the attention time at 75,600 tokens) and leaves Q/K as per-head contiguous int8 and V transposed
+([D, L], keys contiguous), the K-major layout the fp8 wgmma needs for its B operand. RoPE is not
+fused into the prologue: the model applies it before calling attention, and fusing it would save
+one pass over q and k (~0.5 ms per 720p layer against ~150 ms of attention): it does not pay for
+the coupling.
 
 References in this file: `attention_ref` (SDPA in fp32, the quality baseline) and
 `sage_attention_sim` (the quantized math in torch, tile by tile, used to test the numerics on CPU
-and to pin down what the kernel computes). `use_kernel` is the one place that chooses kernel vs.
-error: the kernels run on CUDA tensors, or anywhere under TRITON_INTERPRET=1 (tests).
+and to pin down what the kernel computes). `use_kernel` is the one place that decides whether the
+kernels may run: on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
 
-Triton's interpreter (3.x) rounds fp32 -> fp8 incorrectly at binade edges (126.5 -> 64) and
-truncates fp32 -> bf16, so under the interpreter the kernels round to the target format
-themselves before the cast (INTERP constexpr; compiled out on the GPU).
+Triton's interpreter (3.9) rounds fp32 -> fp8 wrongly at binade edges (126.5 -> 64), truncates
+fp32 -> bf16 and returns garbage from bf16 matmuls, so under the interpreter the kernels round to
+the target format themselves and multiply bf16 in fp32 (INTERP constexpr; compiled out on GPU).
 """
 from __future__ import annotations
 
