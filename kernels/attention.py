@@ -154,13 +154,17 @@ def rotation_matrix(d: int, *, dtype: torch.dtype = torch.float32, device=None) 
     """diag(signs) @ Hadamard(d), entries +-1 (exact in every float format): R Rᵀ = d·I, so
     (qR)(kR)ᵀ = d·qkᵀ. Rotating q and k spreads a few huge channels over all d channels (the
     "incoherent processing" of FlashAttention-3's fp8 path), so one int8 scale per token fits
-    them. The signs are fixed (seeded), so every call and the simulation use the same matrix."""
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    g = torch.Generator().manual_seed(0x5A6E)
-    signs = torch.where(torch.rand(d, generator=g) < 0.5, -1.0, 1.0)
-    return (signs[:, None] * h).to(device=device, dtype=dtype)
+    them. Built with integer ops on `device` (no host copy, so no sync inside a forward); the
+    signs come from a fixed hash, so every call, device and the simulation use one matrix."""
+    i = torch.arange(d, device=device, dtype=torch.int64)
+    parity = torch.zeros(d, d, device=device, dtype=torch.int64)
+    both = i[:, None] & i[None, :]
+    for bit in range(max(d - 1, 1).bit_length()):           # Sylvester: (-1)^popcount(i & j)
+        parity ^= (both >> bit) & 1
+    h = (i * 0x9E3779B1) & 0xFFFFFFFF                         # a fixed pseudo-random +-1 per row
+    h = ((h ^ (h >> 15)) * 0x85EBCA77) & 0xFFFFFFFF
+    signs = ((h ^ (h >> 13)) >> 7) & 1
+    return (1 - 2 * (parity ^ signs[:, None])).to(dtype)
 
 
 def sage_attention_sim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_n: int = 128,
