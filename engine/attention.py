@@ -246,4 +246,7 @@ def attention_schedule(steps: int, backend: str, exact_first: int = 1, exact_las
             raise ValidationError(f"attention_schedule: {label}={n!r} must be a non-negative integer")
     for name in (backend, exact):
         _split(name)
+    if _split(exact)[0] not in EXACT_BACKENDS:
+        raise ValidationError(f"attention_schedule: exact={exact!r} must be an exact backend, one of "
+                              f"{sorted(EXACT_BACKENDS)}")
     return [exact if i < exact_first or i >= steps - exact_last else backend for i in range(steps)]

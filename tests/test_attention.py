@@ -331,6 +331,9 @@ def test_attention_schedule():
             E.attention_schedule(**kw)
     with pytest.raises(ValidationError, match="unknown"):
         E.attention_schedule(4, "sage8")
+    with pytest.raises(ValidationError, match="exact backend"):
+        E.attention_schedule(4, "triton", exact="sage")
+    assert E.attention_schedule(3, "sage:128x64x8x3xtma", exact="triton:128x64x8x3")[1] == "sage:128x64x8x3xtma"
 
 
 @pytest.mark.slow
