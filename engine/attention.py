@@ -91,7 +91,7 @@ def _load_xformers() -> AttentionFn:
 
 def _triton_kernels():
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only to fail early with an install hint)
     except ImportError:
         raise ValidationError("the 'triton' and 'sage' attention backends need Triton: "
                               "`pip install triton` (bundled with CUDA builds of torch)") from None
