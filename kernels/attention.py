@@ -1,0 +1,701 @@
+"""Flash-attention forward kernels for Hopper: a quantized one ("sage") and a plain bf16 one.
+
+Layout everywhere is [B, L, H, D] (the engine's), softmax scale 1/sqrt(D), no mask, non-causal,
+any Lq and Lk (the last key tile is masked), head dim a power of two.
+
+The quantized kernel follows SageAttention2 (thu-ml/SageAttention, ENGINES.md §1.9), in Triton:
+  * S = Q·Kᵀ in INT8 with an int32 accumulator. Q is quantized per query token (the kernel applies
+    the Q scale as a per-row factor, which the softmax step needs anyway, so the finest Q
+    granularity is free) or per block of `q_group` tokens; K per block of BLOCK_N keys, after
+    subtracting the per-head mean of K over all keys. That mean shifts every score of a query row
+    by the same q·mean(K), which the softmax ignores, and removes the large constant channels of
+    DiT keys that would otherwise waste the int8 range.
+  * Before quantizing, q and k are both multiplied by R = diag(±1)·Hadamard (R Rᵀ = D·I, so
+    (qR)(kR)ᵀ = D·qkᵀ; FlashAttention-3's "incoherent processing"). It spreads the few 10-50x
+    channels of DiT queries over all D channels, so one int8 scale per token fits them: on such
+    activations the error falls 1.5-2x (tests). It is a [tile, D] x [D, D] matmul with ±1 entries
+    inside the quantization kernel (exact products, fp32 sums).
+  * P·V in FP8 e4m3 with fp32 accumulation per key tile (two-level accumulation: each tile's
+    product starts from zero and is added to the fp32 accumulator, so the tensor core's
+    reduced-precision fp8 accumulation only ever spans BLOCK_N keys). P is exp2(...) scaled by
+    448 so it fills the e4m3 range; V minus its per-channel mean (added back at the end: softmax
+    rows sum to one) is quantized per channel over all tokens.
+  * log2(e)/sqrt(D) is folded into the Q scale, 448 into the exponent, and the V scale and mean
+    are applied once at the end, so the inner loop spends one FFMA and one exp2 per score.
+  * The int32 scores become floats without I2F (which issues at the transcendental rate on
+    Hopper, as slow as exp2): |s| <= 127*127*D < 2^22, so float_bits(s + 0x4B400000) is exactly
+    1.5*2^23 + s: one integer add, and the offset leaves inside the FFMA's per-row bias.
+  * Tiles come in through pointers (cp.async) or, with `tma=True`, through TMA descriptors over
+    the quantized buffers: same math, ~70 fewer registers per thread at 128x128 (sm_90 compile).
+
+Quantization is its own small Triton kernel (`quantize_qkv`) plus three token reductions in torch
+(K mean, V mean, V min/max): it reads Q, K, V about twice more than the attention does (~1% of
+the attention time at 75,600 tokens) and leaves Q/K as per-head contiguous int8 and V transposed
+([D, L], keys contiguous), the K-major layout the fp8 wgmma needs for its B operand. RoPE is not
+fused into the prologue: the model applies it before calling attention, and fusing it would save
+one pass over q and k (~0.5 ms per 720p layer against ~150 ms of attention): it does not pay for
+the coupling.
+
+References in this file: `attention_ref` (SDPA in fp32, the quality baseline) and
+`sage_attention_sim` (the quantized math in torch, tile by tile, used to test the numerics on CPU
+and to pin down what the kernel computes). `use_kernel` is the one place that decides whether the
+kernels may run: on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+
+Triton's interpreter (3.9) rounds fp32 -> fp8 wrongly at binade edges (126.5 -> 64), truncates
+fp32 -> bf16 and returns garbage from bf16 matmuls, so under the interpreter the kernels round to
+the target format themselves and multiply bf16 in fp32 (INTERP constexpr; compiled out on GPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.errors import ValidationError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:      # the references below still work; the kernels raise on use
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+FP8_MAX = 448.0                       # largest finite float8_e4m3fn
+LOG2_FP8_MAX = math.log2(FP8_MAX)
+INT8_MAX = 127.0
+_MAGIC_I = 0x4B400000                 # float bits of 1.5 * 2**23
+_MAGIC_F = 12582912.0                 # 1.5 * 2**23
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Launch parameters of one attention kernel. `block_n` is also the K quantization block."""
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    tma: bool = False           # sage only: tiles through TMA descriptors instead of pointers
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValidationError(f"AttnConfig.{name}={v} must be a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise ValidationError(f"AttnConfig num_warps={self.num_warps} / num_stages={self.num_stages} invalid")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}" + ("xtma" if self.tma else "")
+
+
+# Per (kernel, compute capability major). Not yet measured on a GPU: chosen from an offline sm_90
+# compile (triton 3.6 and 3.9, `python -m wanimate.bench.attention --sections compile`): no
+# register spills, fewest instructions per key tile. BLOCK_M 128 over 8 warps puts 64 query rows
+# on each warpgroup (one wgmma M tile each). sage 128x128 with pointer loads sits at 253-255
+# registers; with TMA descriptors at ~180. bench/attention.py's sweep times all candidates on the
+# GPU and prints `chosen_config`; put the winners here (or pin one per run: 'sage:128x64x8x3').
+DEFAULT_CONFIGS: Mapping[tuple[str, int], AttnConfig] = MappingProxyType({
+    ("sage", 9): AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
+    ("triton", 9): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    ("sage", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    ("triton", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+})
+# The interpreter walks every program in Python: small tiles keep CPU tests fast and still
+# exercise several key tiles, the masked tail and several query blocks.
+INTERPRETER_CONFIG = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+
+
+def parse_config(spec: str) -> AttnConfig:
+    """'128x64x8x3' (BLOCK_M x BLOCK_N x num_warps x num_stages, optionally 'xtma') -> AttnConfig."""
+    parts = spec.split("x")
+    tma = len(parts) == 5 and parts[4] == "tma"
+    if len(parts) - tma != 4 or not all(p.isdigit() for p in parts[:4]):
+        raise ValidationError(f"kernel config {spec!r} must read BLOCK_MxBLOCK_NxWARPSxSTAGES[xtma], e.g. 128x64x8x3")
+    return AttnConfig(*(int(p) for p in parts[:4]), tma=tma)
+
+
+def default_config(kernel: str, device: torch.device) -> AttnConfig:
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    major = torch.cuda.get_device_capability(device)[0]
+    return DEFAULT_CONFIGS.get((kernel, min(major, 9)), DEFAULT_CONFIGS[(kernel, 8)])
+
+
+# ----------------------------------------------------------------------------------------------
+# References
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact attention: SDPA in fp32 on [B, L, H, D] -> fp32 [B, Lq, H, D]."""
+    out = F.scaled_dot_product_attention(q.float().transpose(1, 2), k.float().transpose(1, 2),
+                                         v.float().transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    # The kernels convert with truncation after adding +-0.5.
+    return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5))
+
+
+def rotation_matrix(d: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """diag(signs) @ Hadamard(d), entries +-1 (exact in every float format): R Rᵀ = d·I, so
+    (qR)(kR)ᵀ = d·qkᵀ. Rotating q and k spreads a few huge channels over all d channels (the
+    "incoherent processing" of FlashAttention-3's fp8 path), so one int8 scale per token fits
+    them. Built with integer ops on `device` (no host copy, so no sync inside a forward); the
+    signs come from a fixed hash, so every call, device and the simulation use one matrix."""
+    i = torch.arange(d, device=device, dtype=torch.int64)
+    parity = torch.zeros(d, d, device=device, dtype=torch.int64)
+    both = i[:, None] & i[None, :]
+    for bit in range(max(d - 1, 1).bit_length()):           # Sylvester: (-1)^popcount(i & j)
+        parity ^= (both >> bit) & 1
+    h = (i * 0x9E3779B1) & 0xFFFFFFFF                         # a fixed pseudo-random +-1 per row
+    h = ((h ^ (h >> 15)) * 0x85EBCA77) & 0xFFFFFFFF
+    signs = ((h ^ (h >> 13)) >> 7) & 1
+    return (1 - 2 * (parity ^ signs[:, None])).to(dtype)
+
+
+def sage_attention_sim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_n: int = 128,
+                       q_group: int = 1, rotate: bool = True, smooth_k: bool = True,
+                       smooth_v: bool = True) -> torch.Tensor:
+    """The quantized kernel's math in torch (fp32 with exact int8 / fp8 rounding), key tile by key
+    tile with the same online softmax, so its P quantization sees the same running maxima.
+    [B, L, H, D] in -> [B, Lq, H, D] in q's dtype."""
+    _check_qkv(q, k, v)
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))             # [B, H, L, D]
+    sm_scale = LOG2E / math.sqrt(d)
+    if rotate:
+        r = rotation_matrix(d)
+        qf, kf, sm_scale = qf @ r, kf @ r, sm_scale / d
+
+    # Q: one scale per group of q_group tokens, softmax scale and log2(e) folded in.
+    lq_pad = -(-lq // q_group) * q_group
+    qa = F.pad(qf.abs(), (0, 0, 0, lq_pad - lq)).reshape(b, h, lq_pad // q_group, q_group * d)
+    q_amax = qa.amax(-1).repeat_interleave(q_group, -1)[..., :lq, None]       # [B, H, Lq, 1]
+    q_amax = q_amax.clamp_min(1e-30)
+    q8 = _round_half_away(qf * (1.0 / q_amax * INT8_MAX))
+    q_scale = q_amax / INT8_MAX * sm_scale
+
+    # K: smoothed, one scale per tile of block_n keys; padded keys are zero.
+    if smooth_k:
+        kf = kf - kf.mean(2, keepdim=True)
+    n_tiles = -(-lk // block_n)
+    kp = F.pad(kf, (0, 0, 0, n_tiles * block_n - lk)).reshape(b, h, n_tiles, block_n, d)
+    k_amax = kp.abs().amax((-1, -2), keepdim=True).clamp_min(1e-30)          # [B, H, T, 1, 1]
+    k8 = _round_half_away(kp * (1.0 / k_amax * INT8_MAX))
+    k_scale = (k_amax / INT8_MAX).reshape(b, h, n_tiles)
+
+    # V: smoothed, per channel over all tokens, to e4m3.
+    v_mean = vf.mean(2, keepdim=True) if smooth_v else torch.zeros_like(vf[:, :, :1])
+    vf = vf - v_mean
+    v_amax = vf.abs().amax(2, keepdim=True).clamp_min(1e-30)                 # [B, H, 1, D]
+    v_scale = v_amax / FP8_MAX
+    vp = F.pad(vf, (0, 0, 0, n_tiles * block_n - lk))
+    v8 = (vp * (1.0 / v_scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+    m = torch.full((b, h, lq), -math.inf)
+    l = torch.zeros(b, h, lq)
+    acc = torch.zeros(b, h, lq, d)
+    for j in range(n_tiles):
+        s = q8 @ k8[:, :, j].transpose(-1, -2)           # exact: integers below 2^24
+        invalid = torch.arange(j * block_n, (j + 1) * block_n) >= lk
+        tail = bool(invalid.any())                        # only the last tile is masked
+        f = q_scale[..., 0] * k_scale[:, :, j, None]     # [B, H, Lq]
+        s_max = (s.masked_fill(invalid, -2.0**22) if tail else s).amax(-1)
+        m_new = torch.maximum(m, s_max * f)
+        t = torch.addcmul((LOG2_FP8_MAX - m_new)[..., None], s, f[..., None])
+        p = torch.exp2(t.masked_fill(invalid, -math.inf) if tail else t)   # 448 * exp2(s*f - m_new)
+        alpha = torch.exp2(m - m_new)
+        l = l * alpha + p.sum(-1)
+        p8 = p.clamp_(max=FP8_MAX).to(torch.float8_e4m3fn).float()
+        acc = acc * alpha[..., None] + p8 @ v8[:, :, j * block_n:(j + 1) * block_n]
+        m = m_new
+    out = acc / l[..., None] * v_scale + v_mean
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and the kernel/reference choice
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, min_d: int = 16) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValidationError(f"attention takes [B, L, H, D] tensors; got {tuple(q.shape)}, "
+                              f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, _, h, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != q.shape[2:] or v.shape != k.shape:
+        raise ValidationError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: batch, heads "
+                              "and head dim must match and k, v must have one shape")
+    if d & (d - 1) or not min_d <= d <= 256:
+        raise ValidationError(f"head dim {d} must be a power of two in [{min_d}, 256] for the Triton kernels")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValidationError("attention needs at least one query and one key token")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValidationError(f"q, k, v must share one float dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def kernels_interpreted() -> bool:
+    """True when the kernels below were built by TRITON_INTERPRET=1 (decided at import)."""
+    return triton is not None and not isinstance(_sage_fwd, triton.runtime.JITFunction)
+
+
+def use_kernel(t: torch.Tensor) -> bool:
+    """The one kernel-vs-nothing decision: Triton kernels need a CUDA tensor, or the interpreter
+    (tests) with a CPU tensor. There is deliberately no silent fallback to a slow reference."""
+    if triton is None:
+        raise ValidationError("the Triton attention backends need triton: pip install triton")
+    interp = kernels_interpreted()
+    if t.is_cuda and not interp:
+        return True
+    if interp and t.device.type == "cpu":
+        return True
+    raise ValidationError(
+        f"the Triton attention kernels run on CUDA tensors (got {t.device}); on a CPU they run only "
+        "under TRITON_INTERPRET=1 (tests). Use the 'sdpa' backend here.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+    # Kernels may only read globals that are constexpr.
+    _K_INT8_MAX = tl.constexpr(INT8_MAX)
+    _K_LOG2_FP8_MAX = tl.constexpr(LOG2_FP8_MAX)
+
+    @triton.jit
+    def _round_mantissa(x, DROP: tl.constexpr):
+        """Round fp32 to nearest-even keeping 23 - DROP mantissa bits (interpreter only)."""
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)
+        bits = bits & (-(1 << DROP))
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _to_fp8(x, INTERP: tl.constexpr):
+        """fp32 -> e4m3. On the GPU this is one cvt.rn.satfinite.e4m3x2.f32 per pair (rounds to
+        nearest-even and saturates at 448), so P needs no clamp in the inner loop."""
+        if INTERP:
+            x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+            # Normal range: keep 3 mantissa bits. Subnormals (< 2^-6) are multiples of 2^-9.
+            sub = (x + 24576.0) - 24576.0
+            x = tl.where(tl.abs(x) < 0.015625, sub, _round_mantissa(x, 20))
+        return x.to(tl.float8e4nv)
+
+    @triton.jit
+    def _to_half(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+        if INTERP:
+            if dtype == tl.bfloat16:
+                x = _round_mantissa(x, 16)
+        return x.to(dtype)
+
+    @triton.jit
+    def _dot_f32acc(a, b, acc, INTERP: tl.constexpr):
+        """a @ b + acc with an fp32 accumulator. The 3.9 interpreter's bf16 matmul returns garbage,
+        so under the interpreter the operands go up to fp32 first (same products, same sums)."""
+        if INTERP:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _quant_int8_kernel(X, R, XQ, XS, MEAN,
+                           sxb, sxl, sxh,
+                           H, L, LP, scale_mult,
+                           D: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                           ROT: tl.constexpr, SMOOTH: tl.constexpr, ROW_SCALES: tl.constexpr,
+                           INTERP: tl.constexpr):
+        """[B, L, H, D] float -> (x R - MEAN) as int8 [B, H, LP, D] (zero rows past L) and fp32
+        scales times `scale_mult`, one per group of GROUP tokens, stored per token [B, H, LP]
+        (ROW_SCALES, for Q) or per tile [B, H, LP/BLOCK] (GROUP == BLOCK, for K)."""
+        pid_l = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D)
+        valid = rows < L
+        src = X + b.to(tl.int64) * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + cols[None, :]
+        x = tl.load(src, mask=valid[:, None], other=0.0)
+        if ROT:
+            # R is +-1: products are exact and the sum is fp32, whatever x's float format.
+            r = tl.load(R + cols[:, None] * D + cols[None, :])
+            x = _dot_f32acc(x, r, tl.zeros([BLOCK, D], tl.float32), INTERP)
+        else:
+            x = x.to(tl.float32)
+        if SMOOTH:
+            mean = tl.load(MEAN + pid_bh * D + cols)
+            x = tl.where(valid[:, None], x - mean[None, :], 0.0)
+        a = tl.abs(x)
+        if GROUP == BLOCK:
+            amax = tl.maximum(tl.max(tl.max(a, 1), 0), 1e-30)
+            xq = x * (1.0 / amax * _K_INT8_MAX)
+        else:
+            if GROUP == 1:
+                amax = tl.max(a, 1)                                   # [BLOCK]
+            else:
+                g = tl.max(tl.reshape(a, (BLOCK // GROUP, GROUP * D)), 1)
+                amax = tl.reshape(tl.broadcast_to(g[:, None], (BLOCK // GROUP, GROUP)), (BLOCK,))
+            amax = tl.maximum(amax, 1e-30)
+            xq = x * (1.0 / amax * _K_INT8_MAX)[:, None]
+        xq = tl.where(xq >= 0, xq + 0.5, xq - 0.5).to(tl.int8)       # round half away from zero
+        base = pid_bh.to(tl.int64) * LP
+        tl.store(XQ + (base + rows[:, None]) * D + cols[None, :], xq)
+        if ROW_SCALES:
+            tl.store(XS + base + rows, tl.zeros([BLOCK], tl.float32) + amax / _K_INT8_MAX * scale_mult)
+        else:
+            tl.store(XS + pid_bh * (LP // BLOCK) + pid_l, amax / _K_INT8_MAX * scale_mult)
+
+    @triton.jit
+    def _quant_fp8_t_kernel(X, XQ, XS, MEAN, sxb, sxl, sxh, H, L, LP,
+                            D: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+        """V [B, L, H, D] -> (V - MEAN) / XS as e4m3 [B, H, D, LP] (keys contiguous: the K-major B
+        operand of the fp8 wgmma); MEAN and the per-channel scale XS are [B, H, D]; zero past L."""
+        pid_l = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D)
+        valid = rows < L
+        src = X + b.to(tl.int64) * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + cols[None, :]
+        x = tl.load(src, mask=valid[:, None], other=0.0).to(tl.float32)
+        x = tl.where(valid[:, None], x - tl.load(MEAN + pid_bh * D + cols)[None, :], 0.0)
+        inv = 1.0 / tl.load(XS + pid_bh * D + cols)
+        xq = _to_fp8(x * inv[None, :], INTERP)
+        base = pid_bh.to(tl.int64) * D * LP
+        tl.store(XQ + base + cols[None, :] * LP + rows[:, None], xq)
+
+    @triton.jit
+    def _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, j_lo, j_hi, Lk, LKP,
+                    offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASK: tl.constexpr, TMA: tl.constexpr, INTERP: tl.constexpr):
+        for j in range(j_lo, j_hi):
+            start_n = j * BLOCK_N
+            if TMA:
+                k = K8.load([k_row0 + start_n, 0])                                   # [BN, D] int8
+            else:
+                k = tl.load(K8 + (start_n + offs_n[:, None]) * D + offs_d[None, :])
+            s = tl.dot(q, tl.trans(k))                                             # [BM, BN] int32
+            f = qs * tl.load(KS + j)                                               # [BM]
+            if MASK:
+                valid = (start_n + offs_n) < Lk
+                s = tl.where(valid[None, :], s, -(1 << 22))
+            m_new = tl.maximum(m_i, tl.max(s, 1).to(tl.float32) * f)
+            # sb = 1.5*2^23 + s exactly (no I2F); the offset is taken out inside the FFMA's bias.
+            # Rounding that bias costs ~1 unit of s, against the hundreds int8 rounding costs.
+            sb = (s + 0x4B400000).to(tl.float32, bitcast=True)
+            bias = (-m_new + _K_LOG2_FP8_MAX) - f * 12582912.0     # constexpr on the right: see _K_*
+            t = tl.fma(sb, f[:, None], bias[:, None])
+            if MASK:
+                t = tl.where(valid[None, :], t, float("-inf"))
+            p = tl.math.exp2(t)                                 # 448 * exp2(s*f - m_new) <= 448
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if TMA:
+                vt = VT8.load([v_row0, start_n])                                     # [D, BN] e4m3
+            else:
+                vt = tl.load(VT8 + offs_d[:, None] * LKP + (start_n + offs_n[None, :]))
+            # A fresh fp32 product per tile, added in fp32: the two-level accumulation.
+            acc = tl.fma(acc, alpha[:, None], tl.dot(_to_fp8(p, INTERP), tl.trans(vt)))
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _sage_fwd(Q8, QS, K8, KS, VT8, VS, VM, O,
+                  sob, sol, soh,
+                  H, Lq, Lk, LQP, LKP,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  TMA: tl.constexpr, INTERP: tl.constexpr):
+        """Q8, K8, VT8 are pointers, or with TMA tensor descriptors over their 2-D views
+        [B*H*LQP, D], [B*H*LKP, D], [B*H*D, LKP] (block [BLOCK_M, D], [BLOCK_N, D], [D, BLOCK_N]):
+        the copy engine then moves the tiles, which saves the address registers and instructions."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        q_base = pid_bh.to(tl.int64) * LQP
+        if TMA:
+            q = Q8.load([pid_bh * LQP + pid_m * BLOCK_M, 0])
+        else:
+            q = tl.load(Q8 + (q_base + offs_m[:, None]) * D + offs_d[None, :])   # padded: no mask
+            K8 = K8 + pid_bh.to(tl.int64) * LKP * D
+            VT8 = VT8 + pid_bh.to(tl.int64) * D * LKP
+        qs = tl.load(QS + q_base + offs_m)
+        KS = KS + pid_bh * (LKP // BLOCK_N)
+        k_row0 = pid_bh * LKP
+        v_row0 = pid_bh * D
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        n_full = Lk // BLOCK_N
+        acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, 0, n_full, Lk, LKP,
+                                    offs_n, offs_d, D, BLOCK_N, False, TMA, INTERP)
+        if n_full * BLOCK_N < Lk:
+            acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, n_full, n_full + 1,
+                                        Lk, LKP, offs_n, offs_d, D, BLOCK_N, True, TMA, INTERP)
+        vs = tl.load(VS + pid_bh * D + offs_d)
+        vm = tl.load(VM + pid_bh * D + offs_d)
+        out = acc * (1.0 / l_i)[:, None] * vs[None, :] + vm[None, :]
+        dst = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None].to(tl.int64) * sol + offs_d[None, :]
+        tl.store(dst, _to_half(out, O.dtype.element_ty, INTERP), mask=(offs_m < Lq)[:, None])
+
+    @triton.jit
+    def _attn_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, skl, svl, qk_scale, j_lo, j_hi, Lk,
+                    offs_n, BLOCK_N: tl.constexpr, MASK: tl.constexpr, INTERP: tl.constexpr):
+        for j in range(j_lo, j_hi):
+            start_n = j * BLOCK_N
+            if MASK:
+                valid = (start_n + offs_n) < Lk
+                k = tl.load(k_ptrs + start_n * skl, mask=valid[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs + start_n * skl)
+            s = _dot_f32acc(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), INTERP)
+            if MASK:
+                s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if MASK:
+                v = tl.load(v_ptrs + start_n * svl, mask=valid[:, None], other=0.0)
+            else:
+                v = tl.load(v_ptrs + start_n * svl)
+            acc = acc * alpha[:, None]
+            acc = _dot_f32acc(_to_half(p, v.dtype, INTERP), v, acc, INTERP)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O,
+                  sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+                  H, Lq, Lk, qk_scale,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  INTERP: tl.constexpr):
+        """Plain flash attention straight from [B, L, H, D] in bf16/fp16 (fp32 runs as tf32)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_m < Lq
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sql + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        k_ptrs = K + b * skb + h * skh + offs_n[:, None].to(tl.int64) * skl + offs_d[None, :]
+        v_ptrs = V + b * svb + h * svh + offs_n[:, None].to(tl.int64) * svl + offs_d[None, :]
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        n_full = Lk // BLOCK_N
+        acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, skl, svl, qk_scale, 0, n_full, Lk,
+                                    offs_n, BLOCK_N, False, INTERP)
+        if n_full * BLOCK_N < Lk:
+            acc, l_i, m_i = _attn_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, skl, svl, qk_scale, n_full,
+                                        n_full + 1, Lk, offs_n, BLOCK_N, True, INTERP)
+        out = acc * (1.0 / l_i)[:, None]
+        dst = O + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sol + offs_d[None, :]
+        tl.store(dst, _to_half(out, O.dtype.element_ty, INTERP), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+@dataclass
+class QuantizedQKV:
+    """What `quantize_qkv` produces; shapes for B batches, H heads, padded lengths LQP / LKP."""
+    q8: torch.Tensor          # int8 [B, H, LQP, D]: (q R) per token, R = rotation_matrix(D)
+    q_scale: torch.Tensor     # fp32 [B, H, LQP]: log2(e)/sqrt(D)/D folded in
+    k8: torch.Tensor          # int8 [B, H, LKP, D]: k R minus its per-head mean
+    k_scale: torch.Tensor     # fp32 [B, H, LKP / block_n]
+    vt8: torch.Tensor         # e4m3 [B, H, D, LKP]: (v - v_mean) / v_scale, transposed
+    v_scale: torch.Tensor     # fp32 [B, H, D]
+    v_mean: torch.Tensor      # fp32 [B, H, D]
+    block_n: int
+
+
+def _pad_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int,
+                 q_group: int = 1, rotate: bool = True) -> QuantizedQKV:
+    """Q per token (or per q_group tokens), K smoothed per block_n keys (both rotated), V smoothed
+    per channel to e4m3. Mirrors `sage_attention_sim`."""
+    _check_qkv(q, k, v, min_d=32)
+    if q_group < 1 or q_group & (q_group - 1) or q_group > block_m:
+        raise ValidationError(f"q_group={q_group} must be a power of two <= block_m={block_m}")
+    use_kernel(q)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    lqp, lkp = _pad_to(lq, block_m), _pad_to(lk, block_n)
+    dev = q.device
+    interp = kernels_interpreted()
+    rot = rotation_matrix(d, dtype=q.dtype, device=dev)
+    sm_scale = LOG2E / math.sqrt(d) / (d if rotate else 1)
+
+    q8 = torch.empty(b, h, lqp, d, dtype=torch.int8, device=dev)
+    q_scale = torch.empty(b, h, lqp, dtype=torch.float32, device=dev)
+    _quant_int8_kernel[(lqp // block_m, b * h)](
+        q, rot, q8, q_scale, q_scale, q.stride(0), q.stride(1), q.stride(2), h, lq, lqp, sm_scale,
+        D=d, BLOCK=block_m, GROUP=q_group, ROT=rotate, SMOOTH=False, ROW_SCALES=True, INTERP=interp,
+        num_warps=4)
+
+    # Token reductions in torch (bf16 in, fp32 accumulation; no upcast copy on CUDA). The mean of
+    # k R is mean(k) R, rotated here in fp32.
+    k_mean = torch.sum(k, dim=1, dtype=torch.float32) / lk                          # [B, H, D]
+    if rotate:
+        k_mean = k_mean @ rot.float()
+    k8 = torch.empty(b, h, lkp, d, dtype=torch.int8, device=dev)
+    k_scale = torch.empty(b, h, lkp // block_n, dtype=torch.float32, device=dev)
+    _quant_int8_kernel[(lkp // block_n, b * h)](
+        k, rot, k8, k_scale, k_mean.contiguous(), k.stride(0), k.stride(1), k.stride(2), h, lk, lkp, 1.0,
+        D=d, BLOCK=block_n, GROUP=block_n, ROT=rotate, SMOOTH=True, ROW_SCALES=False, INTERP=interp,
+        num_warps=4)
+
+    v_mean = torch.sum(v, dim=1, dtype=torch.float32) / lk
+    v_min, v_max = torch.aminmax(v, dim=1)
+    v_amax = torch.maximum(v_max.float() - v_mean, v_mean - v_min.float())
+    v_scale = (v_amax.clamp_min(1e-30) / FP8_MAX).contiguous()
+    vt8 = torch.empty(b, h, d, lkp, dtype=torch.float8_e4m3fn, device=dev)
+    _quant_fp8_t_kernel[(lkp // block_n, b * h)](
+        v, vt8, v_scale, v_mean.contiguous(), v.stride(0), v.stride(1), v.stride(2), h, lk, lkp,
+        D=d, BLOCK=block_n, INTERP=interp, num_warps=4)
+    return QuantizedQKV(q8, q_scale, k8, k_scale, vt8, v_scale, v_mean.contiguous(), block_n)
+
+
+def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: AttnConfig | None = None,
+                   q_group: int = 1, rotate: bool = True) -> torch.Tensor:
+    """INT8 Q·Kᵀ / FP8 P·V flash attention on [B, L, H, D] -> [B, Lq, H, D] in q's dtype."""
+    _check_qkv(q, k, v, min_d=32)
+    use_kernel(q)
+    cfg = config or default_config("sage", q.device)
+    qq = quantize_qkv(q, k, v, block_m=cfg.block_m, block_n=cfg.block_n, q_group=q_group, rotate=rotate)
+    return sage_attention_quantized(qq, q.shape, k.shape[1], q.dtype, cfg)
+
+
+def sage_attention_quantized(qq: QuantizedQKV, q_shape, lk: int, dtype: torch.dtype,
+                             cfg: AttnConfig) -> torch.Tensor:
+    """The attention kernel alone on already quantized operands (benchmarks time it separately)."""
+    b, lq, h, d = q_shape
+    if qq.block_n != cfg.block_n or qq.q8.shape[2] % cfg.block_m:
+        raise ValidationError(f"operands quantized for block_n={qq.block_n} do not fit config {cfg}")
+    out = torch.empty(b, lq, h, d, dtype=dtype, device=qq.q8.device)
+    q8, k8, vt8 = qq.q8, qq.k8, qq.vt8
+    if cfg.tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        q8 = TensorDescriptor.from_tensor(q8.view(-1, d), [cfg.block_m, d])
+        k8 = TensorDescriptor.from_tensor(k8.view(-1, d), [cfg.block_n, d])
+        vt8 = TensorDescriptor.from_tensor(vt8.view(-1, vt8.shape[-1]), [d, cfg.block_n])
+    _sage_fwd[(triton.cdiv(lq, cfg.block_m), b * h)](
+        q8, qq.q_scale, k8, qq.k_scale, vt8, qq.v_scale, qq.v_mean, out,
+        out.stride(0), out.stride(1), out.stride(2),
+        h, lq, lk, qq.q8.shape[2], qq.k8.shape[2],
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=cfg.tma, INTERP=kernels_interpreted(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     config: AttnConfig | None = None) -> torch.Tensor:
+    """Plain (bf16/fp16) Triton flash attention on [B, L, H, D] -> [B, Lq, H, D]."""
+    _check_qkv(q, k, v)
+    use_kernel(q)
+    cfg = config or default_config("triton", q.device)
+    if cfg.tma:
+        raise ValidationError("the tma option applies to the sage kernel only")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, lq, h, d = q.shape
+    out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
+    _attn_fwd[(triton.cdiv(lq, cfg.block_m), b * h)](
+        q, k, v, out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        h, lq, k.shape[1], LOG2E / math.sqrt(d),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERP=kernels_interpreted(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops: compile / export see one opaque op each. The config travels as ints.
+
+
+@torch.library.custom_op("wanimate::sage_attention", mutates_args=())
+def sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
+                      num_warps: int, num_stages: int, q_group: int, tma: bool = False) -> torch.Tensor:
+    return sage_attention(q, k, v, config=AttnConfig(block_m, block_n, num_warps, num_stages, tma), q_group=q_group)
+
+
+@sage_attention_op.register_fake
+def _(q, k, v, block_m, block_n, num_warps, num_stages, q_group, tma=False):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("wanimate::triton_attention", mutates_args=())
+def triton_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
+                        num_warps: int, num_stages: int) -> torch.Tensor:
+    return triton_attention(q, k, v, config=AttnConfig(block_m, block_n, num_warps, num_stages))
+
+
+@triton_attention_op.register_fake
+def _(q, k, v, block_m, block_n, num_warps, num_stages):
+    return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Test and benchmark inputs
+
+
+def wan_like_qkv(b: int, l: int, h: int, d: int, *, seed: int = 0, lk: int | None = None,
+                 n_outliers: int = 4, outlier_range: tuple[float, float] = (10.0, 50.0),
+                 q_gain: float = 0.5, v_mean: float = 1.0,
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+    """q, k, v [B, L, H, D] shaped like a DiT's after RMSNorm + RoPE: unit-scale values with
+    `n_outliers` channels per head 10-50x larger. In q those channels vary per token; in k they
+    sit on a large per-channel offset shared by all tokens (the bias K smoothing removes). q is
+    scaled by `q_gain` (0.5: logits with a std of about 2.6, a softmax over ~75 effective keys at
+    1k tokens; 1.0: std 5, ~10 keys, near one-hot). v has a per-channel mean of scale `v_mean`
+    shared by all tokens, as a linear projection of the residual stream has; v_mean=0 is the
+    adversarial i.i.d. case where fp8 V alone costs about 2.6% rel L2."""
+    g = torch.Generator(device=device).manual_seed(seed)   # generated where used: 75k tokens x 40 heads
+    lk = l if lk is None else lk
+    q = torch.randn(b, l, h, d, generator=g, device=device)
+    k = torch.randn(b, lk, h, d, generator=g, device=device)
+    v = torch.randn(b, lk, h, d, generator=g, device=device)
+    v += v_mean * torch.randn(h, d, generator=g, device=device)
+    lo, hi = outlier_range
+    for t, varies in ((q, True), (k, False)):
+        ch = torch.stack([torch.randperm(d, generator=g, device=device)[:n_outliers] for _ in range(h)])
+        mag = lo + (hi - lo) * torch.rand(h, n_outliers, generator=g, device=device)
+        idx = ch[None, None].expand(b, t.shape[1], h, n_outliers)
+        if varies:
+            t.scatter_(3, idx, t.gather(3, idx) * mag)
+        else:
+            sign = torch.where(torch.rand(h, n_outliers, generator=g, device=device) < 0.5, -1.0, 1.0)
+            t.scatter_(3, idx, t.gather(3, idx) + mag * sign)
+    return tuple(x.to(device=device, dtype=dtype) for x in (q * q_gain, k, v))
