@@ -148,7 +148,7 @@ def preprocess(
 
 
 # The embedded default's generation size (area as width x height): small enough for a CPU.
-EMBEDDED_AREA = (224, 128)
+EMBEDDED_AREA = (128, 72)
 
 
 @app.command()

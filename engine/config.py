@@ -164,7 +164,7 @@ PRESETS: dict[str, ModelConfig] = {
         name="tiny",
         dit=DiTConfig(dim=128, ffn_dim=256, num_heads=2, num_layers=5, text_dim=64, image_dim=64,
                       motion_size=64, motion_width=32, motion_encoder_dim=64, face_hidden=64),
-        vae=VAEConfig(dim=16),
+        vae=VAEConfig(dim=8),
         t5=T5Config(vocab_size=384, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2),
         clip=CLIPConfig(dim=64, mlp_ratio=2.0, num_heads=4, num_layers=3),
         recipe_seed=1234,
