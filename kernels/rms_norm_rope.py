@@ -71,7 +71,8 @@ def rms_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, 
 
 @triton.jit
 def _normalize(x, w, C, eps):
-    """x [P, 2] fp32 and w [P, 2] in the activation dtype (padding lanes 0) -> RMSNorm with the reference's two roundings, fp32."""
+    """x [P, 2] fp32, w [P, 2] in the activation dtype (padding lanes 0) -> RMSNorm with the
+    reference's two roundings to the activation dtype, returned as fp32."""
     rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / C + eps)
     n = (x * rstd).to(w.dtype).to(tl.float32)
     return (n * w.to(tl.float32)).to(w.dtype).to(tl.float32)
