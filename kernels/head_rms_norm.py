@@ -51,7 +51,7 @@ def _head_rms_norm_kernel(
     tl.store(OUT + rows[:, None] * D + cols[None, :], out, mask=mask)
 
 
-def _launch(x, weight, eps, *, num_warps=None):
+def _launch(x, weight, eps, *, tile=_TILE, num_warps=4):
     if x.dim() < 2:
         raise ValidationError(f"head_rms_norm expects [..., H, D], got {tuple(x.shape)}")
     d, h = x.shape[-1], x.shape[-2]
@@ -68,10 +68,10 @@ def _launch(x, weight, eps, *, num_warps=None):
     if m == 0:
         return out
     block_d = triton.next_power_of_2(d)
-    rows = max(1, _TILE // block_d)
+    rows = max(1, tile // block_d)
     _head_rms_norm_kernel[(triton.cdiv(m, rows),)](
         rows3, weight, out, m, h, d, rows3.stride(0), rows3.stride(1), eps,
-        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps or 4)
+        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 

@@ -17,8 +17,9 @@ rounding boundary. (Under TRITON_INTERPRET=1 the interpreter truncates fp32 -> b
 rounding to nearest, so CPU tests see up to a few bf16 ulps.)
 
 Design: one program per token row. The whole row (5120 wide: 10 KiB bf16) of q and of k is loaded
-as [C/2, 2] pairs with vectorised loads, both before any math so that both are in flight; the
-cos/sin row (head_dim/2 values) is gathered for each head from L1. Bytes moved per row:
+contiguously (16-byte vectors), both before any math so that both are in flight, and split into
+(even, odd) pairs in registers; the cos/sin row (head_dim/2 values) is gathered for each head
+from L1. Bytes moved per row:
 2 reads + 2 writes of C elements, plus the cos/sin row. Without rope the same kernel is the plain
 width RMSNorm of the cross-attention query (`wanimate::rms_norm`).
 
@@ -71,18 +72,19 @@ def rms_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, 
 
 @triton.jit
 def _normalize(x, w, C, eps):
-    """x [P, 2] fp32, w [P, 2] in the activation dtype (padding lanes 0) -> RMSNorm with the
+    """x [BLOCK] fp32, w [BLOCK] in the activation dtype (padding lanes 0) -> RMSNorm with the
     reference's two roundings to the activation dtype, returned as fp32."""
-    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / C + eps)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)
     n = (x * rstd).to(w.dtype).to(tl.float32)
     return (n * w.to(tl.float32)).to(w.dtype).to(tl.float32)
 
 
 @triton.jit
-def _rotate(x, c, s):
-    """x [P, 2] pairs, c/s [P] -> rotated pairs, fp32."""
-    x0, x1 = tl.split(x)
-    return tl.join(x0 * c - x1 * s, x0 * s + x1 * c)
+def _rotate(x, c, s, BLOCK: tl.constexpr):
+    """x [BLOCK] as interleaved pairs, c/s [BLOCK/2] -> rotated, [BLOCK] fp32. The row is loaded
+    and stored contiguously (16-byte vectors) and split into pairs in registers."""
+    x0, x1 = tl.split(tl.reshape(x, (BLOCK // 2, 2)))
+    return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (BLOCK,))
 
 
 @triton.jit
@@ -102,8 +104,7 @@ def _rms_norm_rope_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // L
     l = row % L
-    p = tl.arange(0, BLOCK // 2)
-    offs = 2 * p[:, None] + tl.arange(0, 2)[None, :]                     # [P, 2] element offsets
+    offs = tl.arange(0, BLOCK)
     mask = offs < C
     # Issue every row load before any math.
     q = tl.load(Q + b * stride_qb + l * stride_ql + offs, mask=mask, other=0.0).to(tl.float32)
@@ -113,16 +114,18 @@ def _rms_norm_rope_kernel(
     wq = tl.load(WQ + offs, mask=mask, other=0.0).to(Q.dtype.element_ty)
     q = _normalize(q, wq, C, eps)
     if HAS_ROPE:
+        # Pair p of the row is pair p % HALF_D of its head; every head shares the token's angles.
+        p = tl.arange(0, BLOCK // 2)
         pm = p < C // 2
         cos = tl.load(COS + l * HALF_D + p % HALF_D, mask=pm, other=0.0)
         sin = tl.load(SIN + l * HALF_D + p % HALF_D, mask=pm, other=0.0)
-        q = _rotate(q, cos, sin)
+        q = _rotate(q, cos, sin, BLOCK)
     tl.store(QO + row * C + offs, q.to(QO.dtype.element_ty), mask=mask)
     if HAS_K:
         wk = tl.load(WK + offs, mask=mask, other=0.0).to(K.dtype.element_ty)
         k = _normalize(k, wk, C, eps)
         if HAS_ROPE:
-            k = _rotate(k, cos, sin)
+            k = _rotate(k, cos, sin, BLOCK)
         tl.store(KO + row * C + offs, k.to(KO.dtype.element_ty), mask=mask)
 
 
