@@ -16,8 +16,11 @@ memory and goes on; the JSON is rewritten after each row, so a timeout keeps wha
    normal_(0, 0.02) / ones / zero bias, as shared/baselines/bench_diffusers.py does), inputs as
    that script's (77 frames of 512x512 face crops, 512 text tokens, 257 CLIP tokens): kernels off,
    kernels on (also denoise only), kernels + CUDA graph (denoise only), kernels + compile_blocks.
-4. diffusers: WanAnimateTransformer3DModel eager and with compile_repeated_blocks (if importable).
-One model is built at a time and freed (14B bf16 = 34.5 GB).
+4. diffusers: WanAnimateTransformer3DModel eager and with compile_repeated_blocks (if importable),
+   same inputs and weight scheme; run before part 3, so that a time limit cuts wanimate's compile
+   rows rather than the baseline. --budget-s stops starting rows past that much wall time.
+One model is built at a time and freed (14B bf16 = 34.5 GB). rel_l2 is against the wanimate
+reference row of the same size (same weights and inputs); diffusers has other random weights.
 
 Timing: CUDA events around each call after warm-up, median of repeats (perf_counter on the CPU).
 """
@@ -78,6 +81,7 @@ class Bench:
         self.cuda = self.device == "cuda"
         self.results = {"env": {}, "copy": None, "kernels": [], "attention": [], "dit": [], "targets": {}}
         self.out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "bench_kernels.json"
+        self.start = time.perf_counter()
 
     def sync(self):
         if self.cuda:
@@ -114,8 +118,16 @@ class Bench:
             self.torch.cuda.empty_cache()
 
     def guarded(self, section: str, row: dict, fn):
-        """Run one row; OOM and other errors are recorded in the row, memory freed, the run goes on."""
+        """Run one row; OOM and other errors are recorded in the row, memory freed, the run goes on.
+        Past --budget-s of wall time the remaining rows are recorded as skipped instead of run."""
         torch = self.torch
+        elapsed = time.perf_counter() - self.start
+        if elapsed > self.args.budget_s:
+            row["skipped"] = f"time budget: {elapsed:.0f} s > --budget-s {self.args.budget_s}"
+            self.results[section].append(row)
+            self.save()
+            print(f"  {section}: {row}", flush=True)
+            return row
         try:
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -475,6 +487,7 @@ def bench_wanimate(b: Bench, sizes):
             row("wanimate kernels + compile_blocks", size, x, lambda: forward(x), ref_key=size)
             del x
     del model
+    torch._dynamo.reset()
     b.free()
 
 
@@ -543,7 +556,10 @@ def bench_diffusers(b: Bench, sizes):
         model.compile_repeated_blocks(fullgraph=True, mode=b.args.compile_mode, backend=b.args.compile_backend)
         rows("diffusers compile_repeated_blocks")
     del model
+    b.torch._dynamo.reset()      # compiled graphs may still reference the model
     b.free()
+    if b.cuda:
+        print(f"after diffusers: {b.torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,7 +632,8 @@ def main(argv=None):
     p.add_argument("--skip-rows", default="", help="comma list; 'compile' skips both compile rows")
     p.add_argument("--warmup", type=int, default=1, help="DiT warm-up calls (the first may compile)")
     p.add_argument("--reps", type=int, default=3, help="timed DiT calls at 480p")
-    p.add_argument("--reps-720p", type=int, default=2, help="timed DiT calls at 720p")
+    p.add_argument("--reps-720p", type=int, default=1, help="timed DiT calls at 720p")
+    p.add_argument("--budget-s", type=float, default=560, help="stop starting rows after this many seconds")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for both compile rows")
     p.add_argument("--compile-backend", default=None, help="default inductor (aot_eager in --smoke)")
     args = p.parse_args(argv)
@@ -649,10 +666,12 @@ def main(argv=None):
         bench_kernels(b, sizes)
     if "attention" in parts:
         bench_attention(b, sizes)
-    if "dit" in parts:
-        bench_wanimate(b, sizes)
+    # diffusers first: its eager rows are the baseline of the targets, and what a time limit cuts
+    # is then the last rows (wanimate compile at 720p).
     if "diffusers" in parts:
         bench_diffusers(b, sizes)
+    if "dit" in parts:
+        bench_wanimate(b, sizes)
     b.results["env"]["wall_s"] = round(time.perf_counter() - start, 1)
     summarize(b)
 

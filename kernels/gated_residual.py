@@ -32,7 +32,8 @@ def gated_residual_ref(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Te
     return x + y * gate if gate is not None else x + y
 
 
-@triton.jit
+# Token counts vary per video: no recompilation for each one's divisibility.
+@triton.jit(do_not_specialize=["L"])
 def _gated_residual_kernel(
     X, Y, G, OUT,             # x, y [B, L, C] (unit stride on C), gate [B or 1, 1, C], out [B, L, C] contiguous
     L, C,

@@ -29,7 +29,8 @@ def head_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return normed.type_as(x) * weight.to(x.dtype)
 
 
-@triton.jit
+# Token counts vary per video: no recompilation for each one's divisibility.
+@triton.jit(do_not_specialize=["M", "H"])
 def _head_rms_norm_kernel(
     X, W, OUT,                # x rows addressed as (outer, head), unit stride on D; w [D]; out [M, D] contiguous
     M, H, D,                  # rows (outer * H), heads per outer index, head width

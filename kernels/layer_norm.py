@@ -60,7 +60,8 @@ def add_layer_norm_ref(x, y, gate, eps: float, out_dtype: torch.dtype, weight=No
 # Kernel
 
 
-@triton.jit
+# Token counts vary per video: no recompilation for each one's divisibility.
+@triton.jit(do_not_specialize=["L"])
 def _layer_norm_kernel(
     X, Y, G,                  # x [B, L, C]; with HAS_RESIDUAL y [B, L, C] and (HAS_GATE) gate [B, 1, C]
     W, BIAS,                  # affine weight / bias [C] (AFFINE)

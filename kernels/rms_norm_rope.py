@@ -87,7 +87,8 @@ def _rotate(x, c, s, BLOCK: tl.constexpr):
     return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (BLOCK,))
 
 
-@triton.jit
+# Token counts vary per video: no recompilation for each one's divisibility.
+@triton.jit(do_not_specialize=["L"])
 def _rms_norm_rope_kernel(
     Q, K,                     # inputs [B, L, C], unit stride along C
     WQ, WK,                   # weights [C]
