@@ -268,7 +268,6 @@ def kernel_cases(b: Bench, tokens: int, width: int, heads: int):
 
 
 def bench_kernels(b: Bench, sizes):
-    torch = b.torch
     width, heads = (5120, 40) if b.cuda else (256, 2)
     reps, warm = (20, 3) if b.cuda else (1, 1)
     copy_gbs = b.results["copy"]["gb_s"]
@@ -345,7 +344,7 @@ def bench_attention(b: Bench, sizes):
             t, _ = b.time(lambda: x @ w.t(), warmup=2, reps=10 if b.cuda else 2)
             return {"ms": round(t * 1e3, 3), "tflops": round(2 * tokens * width * width / t / 1e12, 1)}
         b.guarded("attention", {"op": "gemm [L,5120]x[5120,5120]", "size": size, "tokens": tokens}, gemm)
-        del q, k, v, x, w
+        q = k = v = x = w = None     # free before the next size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +380,7 @@ def make_inputs(b: Bench, cfg, size: str) -> dict:
                 t=torch.tensor([500], device=b.device), tokens=(lt + 1) * (lh // 2) * (lw // 2))
 
 
-def init_random_(model, seed=0):
+def init_random_(model):
     """normal_(0, 0.02) for matrices and convolutions, zero biases, ones for the other vectors."""
     torch = sys.modules["torch"]
     with torch.no_grad():
@@ -473,20 +472,20 @@ def bench_wanimate(b: Bench, sizes):
             graphed = GraphedDenoise(model, warmup=1)
             row("wanimate kernels + CUDA graph", size, x, lambda: graphed(x["latents"], x["t"], cond),
                 what="denoise", ref_key=size)
-            del graphed
+            graphed = None            # releases the graph and its memory pool
         else:
             b.guarded("dit", {"row": "wanimate kernels + CUDA graph", "what": "denoise", "size": size,
                               "skipped": "needs CUDA"}, dict)
         conds.pop(size)
-        del cond, x
+        cond = x = None
         b.free()
     if "compile" not in b.args.skip_rows:
         compile_blocks(model, mode=b.args.compile_mode, backend=b.args.compile_backend)
         for size in sizes:
             x = make_inputs(b, cfg, size)
             row("wanimate kernels + compile_blocks", size, x, lambda: forward(x), ref_key=size)
-            del x
-    del model
+            x = None
+    model = None
     torch._dynamo.reset()
     b.free()
 
@@ -549,13 +548,13 @@ def bench_diffusers(b: Bench, sizes):
             x = make_inputs(b, cfg, size)
             b.guarded("dit", {"row": name, "what": "forward", "size": size, "tokens": x["tokens"]},
                       lambda: timed_dit(b, size, lambda: forward(x))[1])
-            del x
+            x = None
 
     rows("diffusers eager")
     if "compile" not in b.args.skip_rows:
         model.compile_repeated_blocks(fullgraph=True, mode=b.args.compile_mode, backend=b.args.compile_backend)
         rows("diffusers compile_repeated_blocks")
-    del model
+    model = None
     b.torch._dynamo.reset()      # compiled graphs may still reference the model
     b.free()
     if b.cuda:

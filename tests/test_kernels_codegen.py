@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_kernels_compile_for_sm90_with_vector_memory_ops():
     triton = pytest.importorskip("triton")
     try:
-        from triton.compiler import ASTSource  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip(f"triton {triton.__version__} has no ahead-of-time compile API")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
