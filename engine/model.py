@@ -20,6 +20,12 @@ may change other weights but never that one.
 Work that does not depend on the denoising step (motion/face features, the text+image context and
 its cross-attention keys/values, pose tokens, RoPE tables) is done once by `prepare()` and reused by
 every `denoise()` call of a segment; `forward()` does both, like the official forward.
+
+Fused kernels. Modules with a `kernels` attribute (Block, SelfAttention, CrossAttention, FaceBlock)
+have a second path through the Triton kernels in kernels/ (same math and rounding points, fewer
+passes over the [B, L, C] stream). It is off by default; engine/transforms.py `use_kernels` turns it
+on, and each call still falls back to the reference unless `kernels.supported(...)` says the kernels
+can take its tensors (CUDA, triton installed, bf16/fp32).
 """
 from __future__ import annotations
 
@@ -30,8 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from .attention import attention
 from .config import DiTConfig
+
+# The fused kernels' ops (kernels/*.py), registered by kernels.load(); only called when a module's
+# `kernels` flag is set and kernels.supported() agrees.
+ops = torch.ops.wanimate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,16 +299,22 @@ class FaceBlock(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, 1e-6)           # per head
         self.k_norm = RMSNorm(cfg.head_dim, 1e-6)
         self.backend = "sdpa"
+        self.kernels = False
 
     def forward(self, x: torch.Tensor, motion: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x [B, L, C] residual stream, motion [B, F+1, N, C] -> residual update [B, L, C]."""
         b, l, c = x.shape
         frames, n = motion.shape[1], motion.shape[2]
+        fused = self.kernels and kernels.supported(x)
         kv = self.linear1_kv(layer_norm(motion, self.eps).to(dtype))       # [B, F+1, N, 2C]
         k, v = kv.unflatten(-1, (2, self.heads, -1)).unbind(-3)            # [B, F+1, N, H, D] each
-        q = self.linear1_q(layer_norm(x, self.eps).to(dtype)).unflatten(-1, (self.heads, -1))
-        q = self.q_norm(q)
-        k = self.k_norm(k)
+        h = ops.layer_norm(x, self.eps, dtype) if fused else layer_norm(x, self.eps).to(dtype)
+        q = self.linear1_q(h).unflatten(-1, (self.heads, -1))               # [B, L, H, D]
+        if fused:
+            q = ops.head_rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = ops.head_rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
         # Group tokens by latent frame: [B*(F+1), S, H, D] queries against [B*(F+1), N, H, D].
         q = q.reshape(b * frames, l // frames, self.heads, -1)
         out = attention(q, k.flatten(0, 1), v.flatten(0, 1), self.backend)
@@ -323,14 +340,21 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
         self.backend = "sdpa"
+        self.kernels = False
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [B, L, C] in the compute dtype -> [B, L, C]."""
         dtype = x.dtype
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))         # [B, L, H, D]
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.heads, -1))
+        if self.kernels and kernels.supported(x, *rope):
+            # RMSNorm of q and k and RoPE in one pass, q and k written once (kernels/rms_norm_rope.py).
+            q, k = ops.rms_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *rope,
+                                     self.norm_q.eps)
+            q, k = q.unflatten(-1, (self.heads, -1)), k.unflatten(-1, (self.heads, -1))   # [B, L, H, D]
+        else:
+            q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))     # [B, L, H, D]
+            k = self.norm_k(self.k(x)).unflatten(-1, (self.heads, -1))
+            q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
         v = self.v(x).unflatten(-1, (self.heads, -1))
-        q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
         return self.o(attention(q, k, v, self.backend).flatten(2))
 
 
@@ -346,6 +370,7 @@ class CrossAttention(nn.Module):
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k_img = RMSNorm(cfg.dim, cfg.eps)
         self.backend = "sdpa"
+        self.kernels = False
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """context [B, 257 + text_len, C] -> (k, v, k_img, v_img), each [B, Lc, H, D].
@@ -357,7 +382,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
         k, v, k_img, v_img = context_kv
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))
+        if self.kernels and kernels.supported(x):
+            q = ops.rms_norm(self.q(x), self.norm_q.weight, self.norm_q.eps).unflatten(-1, (self.heads, -1))
+        else:
+            q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))
         out = attention(q, k, v, self.backend) + attention(q, k_img, v_img, self.backend)
         return self.o(out.flatten(2))
 
@@ -374,9 +402,12 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))
+        self.kernels = False
 
     def forward(self, x, e0, rope, context_kv, dtype):
         """x [B, L, C] residual stream (compute dtype into block 0, fp32 after), e0 [B, 6, C] fp32."""
+        if self.kernels and kernels.supported(x, e0):
+            return self.forward_fused(x, e0, rope, context_kv, dtype)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
         h = layer_norm(x, self.eps).type_as(x).float() * (1 + scale1) + shift1
         x = x + self.self_attn(h.to(dtype), rope) * gate1                   # fp32 from here on
@@ -384,6 +415,17 @@ class Block(nn.Module):
         x = x + self.cross_attn(h.to(dtype), context_kv)
         h = layer_norm(x, self.eps).type_as(x).float() * (1 + scale2) + shift2
         return x + self.ffn(h.to(dtype)) * gate2
+
+    def forward_fused(self, x, e0, rope, context_kv, dtype):
+        """forward() through the fused kernels: each residual add is done by the kernel of the norm
+        that follows it, which also writes that norm's output in the compute dtype."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).chunk(6, dim=1)
+        h = ops.layer_norm(x, self.eps, dtype, scale=scale1, shift=shift1)
+        x, h = ops.add_layer_norm(x, self.self_attn(h, rope), gate1, self.eps, dtype,
+                                  weight=self.norm3.weight, bias=self.norm3.bias)
+        x, h = ops.add_layer_norm(x, self.cross_attn(h, context_kv), None, self.eps, dtype,
+                                  scale=scale2, shift=shift2)
+        return ops.gated_residual(x, self.ffn(h), gate2)
 
 
 class Head(nn.Module):

@@ -1,0 +1,208 @@
+"""LayerNorm over the width with the Block's affine or modulation epilogue, optionally fused with
+the residual add that precedes it.
+
+What engine/model.py computes (Block.forward, FaceBlock.forward, layer_norm), per token row:
+    x   = x + gate * y          (add_layer_norm only; fp32 math, result in the promoted dtype:
+                                 fp32 in the model, since gate is fp32 and x is the fp32 stream)
+    n   = F.layer_norm(x.float(), weight, bias, eps)   fp32; weight/bias optional (norm3)
+    n   = n.type_as(x)                                 rounds to bf16 only when x is bf16 (block 0)
+    h   = n.float() * (1 + scale) + shift              optional modulation, scale/shift [B, 1, C] fp32
+    out = h.to(out_dtype)                              the compute dtype the Linear layers take
+Uses: norm1 + modulation (layer_norm, scale/shift), the self-attention residual + norm3
+(add_layer_norm with gate and affine), the cross-attention residual + norm2 + modulation
+(add_layer_norm without gate, with scale/shift), and FaceBlock's plain LayerNorm (layer_norm).
+
+The kernel rounds where the reference rounds (the type_as and the final cast). Inside fp32 it
+differs in summation order (mean and variance are two passes over the row held in registers, as
+the reference's fp32 math is) and in FMA contraction of `x + gate * y` and `n * (1 + scale) +
+shift`: one fp32 rounding instead of two, so the fp32 residual stream can differ in the last bit.
+
+Design: one program per token row, the whole row in registers (5120 fp32 = 20 KiB), vectorised
+loads, no re-reads. Bytes per element: layer_norm 4 + 2 (fp32 in, bf16 out); add_layer_norm
+4 + 2 in, 4 + 2 out, against 4 + 2 + 4 (residual) + 4 + 2 (norm) as two kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..engine.errors import ValidationError
+from .rms_norm_rope import row_settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+
+def layer_norm_ref(x: torch.Tensor, eps: float, out_dtype: torch.dtype, weight=None, bias=None, scale=None,
+                   shift=None) -> torch.Tensor:
+    """x [B, L, C] -> LayerNorm [affine] [modulated] in out_dtype, rounded like Block.forward."""
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    n = F.layer_norm(x.float(), x.shape[-1:], w, b, eps).type_as(x)
+    if scale is not None:
+        n = n.float() * (1 + scale) + shift
+    return n.to(out_dtype)
+
+
+def add_layer_norm_ref(x, y, gate, eps: float, out_dtype: torch.dtype, weight=None, bias=None, scale=None,
+                       shift=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, layer_norm_ref of it): a Block residual update and the next norm."""
+    x = x + y * gate if gate is not None else x + y
+    return x, layer_norm_ref(x, eps, out_dtype, weight, bias, scale, shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+
+
+# Token counts vary per video: no recompilation for each one's divisibility.
+@triton.jit(do_not_specialize=["L"])
+def _layer_norm_kernel(
+    X, Y, G,                  # x [B, L, C]; with HAS_RESIDUAL y [B, L, C] and (HAS_GATE) gate [B, 1, C]
+    W, BIAS,                  # affine weight / bias [C] (AFFINE)
+    SCALE, SHIFT,             # modulation [B, 1, C] fp32 (MODULATE)
+    XO, HO,                   # new residual [B, L, C] (HAS_RESIDUAL), normalised output [B, L, C]
+    L, C,
+    stride_xb, stride_xl, stride_yb, stride_yl, stride_gb, stride_sb, stride_tb,
+    eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    l = row % L
+    offs = tl.arange(0, BLOCK)
+    mask = offs < C
+    x = tl.load(X + b * stride_xb + l * stride_xl + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        y = tl.load(Y + b * stride_yb + l * stride_yl + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            y = y * tl.load(G + b * stride_gb + offs, mask=mask, other=0.0).to(tl.float32)
+        x = x + y
+        # Normalise what is stored: the new stream, in its dtype.
+        x = x.to(XO.dtype.element_ty)
+        tl.store(XO + row * C + offs, x, mask=mask)
+        x = x.to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    d = tl.where(mask, x - mean, 0.0)
+    n = d * tl.rsqrt(tl.sum(d * d, axis=0) / C + eps)
+    if AFFINE:
+        n = n * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
+    # type_as(x): the stream's dtype (bf16 only for block 0's input; a no-op for fp32).
+    if HAS_RESIDUAL:
+        n = n.to(XO.dtype.element_ty).to(tl.float32)
+    else:
+        n = n.to(X.dtype.element_ty).to(tl.float32)
+    if MODULATE:
+        scale = tl.load(SCALE + b * stride_sb + offs, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + b * stride_tb + offs, mask=mask, other=0.0).to(tl.float32)
+        n = n * (1.0 + scale) + shift
+    tl.store(HO + row * C + offs, n.to(HO.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+
+
+def _check_rows(x: torch.Tensor, name: str, shape=None) -> torch.Tensor:
+    if x.dim() != 3 or (shape is not None and x.shape != shape):
+        raise ValidationError(f"{name} must be [B, L, C]{'' if shape is None else f' = {tuple(shape)}'}, "
+                              f"got {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_per_batch(t: torch.Tensor, name: str, b: int, c: int) -> torch.Tensor:
+    """scale / shift / gate: [B, 1, C] or [1, 1, C] (broadcast over the batch), unit stride on C."""
+    if t.dim() != 3 or t.shape[1] != 1 or t.shape[2] != c or t.shape[0] not in (1, b):
+        raise ValidationError(f"{name} must be [B={b}, 1, C={c}], got {tuple(t.shape)}")
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t
+
+
+def _batch_stride(t: torch.Tensor) -> int:
+    return 0 if t.shape[0] == 1 else t.stride(0)
+
+
+def _launch(x, y, gate, weight, bias, scale, shift, eps, out_dtype, *, num_warps=None):
+    x = _check_rows(x, "x")
+    b, l, c = x.shape
+    has_residual = y is not None
+    if has_residual:
+        y = _check_rows(y, "y", x.shape)
+        dtypes = [x.dtype, y.dtype] + ([gate.dtype] if gate is not None else [])
+        stream_dtype = dtypes[0]
+        for dt in dtypes[1:]:
+            stream_dtype = torch.promote_types(stream_dtype, dt)
+        xo = torch.empty((b, l, c), dtype=stream_dtype, device=x.device)
+    else:
+        if gate is not None:
+            raise ValidationError("a gate needs a residual update y")
+        xo = None
+    if gate is not None:
+        gate = _check_per_batch(gate, "gate", b, c)
+    affine = weight is not None
+    if affine and (weight.shape != (c,) or bias is None or bias.shape != (c,)):
+        raise ValidationError(f"LayerNorm weight and bias must both be [{c}]")
+    modulate = scale is not None
+    if modulate:
+        if shift is None:
+            raise ValidationError("modulation needs both scale and shift")
+        scale, shift = _check_per_batch(scale, "scale", b, c), _check_per_batch(shift, "shift", b, c)
+    h = torch.empty((b, l, c), dtype=out_dtype, device=x.device)
+    if x.numel() == 0:
+        return xo, h
+    block, warps = row_settings(c)
+    dummy = x
+    _layer_norm_kernel[(b * l,)](
+        x, y if has_residual else dummy, gate if gate is not None else dummy,
+        weight if affine else dummy, bias if affine else dummy,
+        scale if modulate else dummy, shift if modulate else dummy,
+        xo if has_residual else dummy, h,
+        l, c, x.stride(0), x.stride(1),
+        y.stride(0) if has_residual else 0, y.stride(1) if has_residual else 0,
+        _batch_stride(gate) if gate is not None else 0,
+        _batch_stride(scale) if modulate else 0, _batch_stride(shift) if modulate else 0,
+        eps,
+        HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, AFFINE=affine, MODULATE=modulate,
+        BLOCK=block, num_warps=num_warps or warps)
+    return xo, h
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops
+
+
+@torch.library.custom_op("wanimate::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, eps: float, out_dtype: torch.dtype, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+               shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [B, L, C] -> LayerNorm(x) [* weight + bias] [* (1 + scale) + shift], [B, L, C] in out_dtype."""
+    return _launch(x, None, None, weight, bias, scale, shift, eps, out_dtype)[1]
+
+
+@layer_norm.register_fake
+def _(x, eps, out_dtype, weight=None, bias=None, scale=None, shift=None):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("wanimate::add_layer_norm", mutates_args=())
+def add_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], eps: float,
+                   out_dtype: torch.dtype, weight: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
+                   shift: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + gate * y, LayerNorm of it [affine] [modulated] in out_dtype); gate [B, 1, C] or None."""
+    return _launch(x, y, gate, weight, bias, scale, shift, eps, out_dtype)
+
+
+@add_layer_norm.register_fake
+def _(x, y, gate, eps, out_dtype, weight=None, bias=None, scale=None, shift=None):
+    stream = torch.promote_types(x.dtype, y.dtype)
+    if gate is not None:
+        stream = torch.promote_types(stream, gate.dtype)
+    return x.new_empty(x.shape, dtype=stream), x.new_empty(x.shape, dtype=out_dtype)
