@@ -39,6 +39,15 @@ def _parse_size(size: str | None) -> tuple[int, int] | None:
     return w, h
 
 
+def _parse_pair(text: str) -> tuple[int, int]:
+    from .engine.errors import ValidationError
+    try:
+        first, last = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValidationError(f"expected two integers like 1,1, got {text!r}") from None
+    return first, last
+
+
 def _parse_steps(steps: str):
     from .engine.errors import ValidationError
     try:
@@ -69,6 +78,8 @@ def run(
     negative_prompt: str = typer.Option("", help="negative prompt (default: the official one)"),
     device: str = typer.Option(None, help="cuda | cpu (default: cuda when available)"),
     fp32: bool = typer.Option(False, "--fp32", help="run the DiT in fp32 instead of the official bf16 mixed precision"),
+    attention: str = typer.Option("sdpa", help="self-attention backend: sdpa | flash | xformers | triton | sage"),
+    exact_steps: str = typer.Option("1,1", help="with a quantized attention backend: first,last steps kept exact"),
 ):
     """Generate a video: the reference image performs the driving video's motion (animate) or
     replaces its person (replace)."""
@@ -95,7 +106,8 @@ def run(
         embedded = ckpt_dir is None
         options = GenerateOptions(mode=mode, steps=_parse_steps(steps) if steps else (4 if embedded else 20),
                                   solver=solver, shift=shift, seed=seed, clip_len=clip_len, refert_num=refert_num,
-                                  guide_scale=guide_scale, prompt=prompt, negative_prompt=negative_prompt)
+                                  guide_scale=guide_scale, prompt=prompt, negative_prompt=negative_prompt,
+                                  attention=attention, exact_steps=_parse_pair(exact_steps))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         pre = {"resolution_area": wanted} if wanted else ({"resolution_area": EMBEDDED_AREA} if embedded else {})
         report = run_job(output, options, src=src, image=image, video=video, ckpt_dir=ckpt_dir, device=device,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention import EXACT_BACKENDS, attention_schedule, get_backend, set_attention_backend
 from .clip import CLIPVisual, clip_input, letterbox
 from .errors import ValidationError
 from .model import WanAnimateDiT
@@ -65,6 +66,9 @@ class GenerateOptions:
     prompt: str = ""                          # "" -> the official default prompt
     negative_prompt: str = ""                 # "" -> the official default negative prompt
     batch_cfg: bool = True                    # run the two guidance passes as one batch of 2
+    attention: str = "sdpa"                   # self-attention backend (engine/attention.py)
+    exact_steps: tuple[int, int] = (1, 1)     # first/last steps kept on exact (bf16) attention when
+                                              # `attention` is a quantized backend (hybrid schedule)
 
     def validate(self) -> "GenerateOptions":
         if self.mode not in ("animate", "replace"):
@@ -74,7 +78,8 @@ class GenerateOptions:
         if isinstance(self.steps, int):
             if isinstance(self.steps, bool) or not 1 <= self.steps <= MAX_STEPS:
                 raise ValidationError(f"steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
-        make_schedule(self.solver, self.steps, self.shift)          # validates lists and shift
+        schedule = make_schedule(self.solver, self.steps, self.shift)   # validates lists and shift
+        attention_schedule(schedule.steps, self.attention, *self.exact_steps)  # validates backend names
         if (isinstance(self.clip_len, bool) or not isinstance(self.clip_len, int)
                 or self.clip_len < 5 or (self.clip_len - 1) % 4):
             raise ValidationError(f"clip_len must be 4n+1 with n >= 1 (5, 9, ..., 77), got {self.clip_len!r}")
@@ -314,6 +319,11 @@ class Pipeline:
         lat_t = t // 4 + 1
         y_ref = torch.cat([torch.ones(1, 4, 1, h, w, device=self.device), ref_latent], dim=1)
         schedule = make_schedule(options.solver, options.steps, options.shift)
+        # Exact attention on the first/last steps when a quantized backend runs the rest.
+        exact = options.attention.split(":")[0] in EXACT_BACKENDS
+        backends = attention_schedule(schedule.steps, options.attention, *((0, 0) if exact else options.exact_steps))
+        get_backend(options.attention)                     # a missing package fails before any step
+        previous = {m: m.backend for m in self.dit.modules() if type(m).__name__ == "SelfAttention"}
         out_frames: list[torch.Tensor] = []
         emitted, carried = 0, None
         for seg in plan.segments:
@@ -366,6 +376,8 @@ class Pipeline:
             solver = make_solver(schedule, bf16_history=self.dtype == torch.bfloat16)
             latents = noise.to(self.device)[None]
             for i, step_t in enumerate(schedule.timesteps.tolist()):
+                if i == 0 or backends[i] != backends[i - 1]:
+                    set_attention_backend(self.dit, backends[i], which=("self",))
                 note(f"seg{k}.x_in", latents[0])
                 if guided and options.batch_cfg:
                     pred_c, pred_u = self.dit.denoise(latents.expand(2, -1, -1, -1, -1), torch.tensor([step_t] * 2, device=self.device), cond).chunk(2)
@@ -405,6 +417,8 @@ class Pipeline:
                 note(f"seg{k + 1}.refert_frames", carried[0])
             timings[f"segment{k}_s"] = time.perf_counter() - seg_tick
 
+        for module, backend in previous.items():        # leave the model as it was given
+            module.backend = backend
         timings["total_s"] = time.perf_counter() - tick
         frames = torch.cat(out_frames, dim=1) if not sink else None
         return GenerationResult(options.seed, plan.n_frames, (height, width), len(plan.segments), timings, frames)

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .attention import attention_report
 from .errors import MediaError, ValidationError
 from .pipeline import GenerateOptions, GenerationResult, Pipeline, to_uint8_frames
 from .video import MediaLimits, VideoWriter, load_image, probe_video, iter_frames, sidecar_payload, write_json_atomic
@@ -177,19 +178,10 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()}
     settings.update(embedded_default=embedded, checkpoint=str(ckpt_dir) if ckpt_dir else None, device=str(device),
                     dtype=str(pipeline.dtype).replace("torch.", ""), fps=fps, frames=result.n_frames,
-                    size=[height, width], attention={n: b for n, b in _attention_backends(pipeline.dit).items()})
+                    size=[height, width], attention=attention_report(pipeline.dit) | {"self": options.attention})
     payload = sidecar_payload(options.seed, settings, manifest_hash(ckpt_dir) if ckpt_dir else None, device=device)
     payload["timings"] = timings
     sidecar = write_json_atomic(output.with_suffix(".json"), payload)
     return RunReport(output, Path(sidecar), options.seed, result.n_frames, (height, width), result.segments,
                      embedded, timings)
 
-
-def _attention_backends(model) -> dict[str, str]:
-    out = {}
-    for name, mod in model.named_modules():
-        backend = getattr(mod, "backend", None)
-        if isinstance(backend, str):
-            kind = type(mod).__name__
-            out.setdefault(kind, backend)
-    return out

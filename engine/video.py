@@ -693,6 +693,10 @@ class VideoWriter:
             self._stream.width, self._stream.height = self.width, self.height
             self._stream.pix_fmt = pix_fmt
             self._stream.options = {"crf": str(int(crf)), "preset": preset}
+            # One encoder thread: with frame threads, x264 here produced different bitstreams for
+            # the same frames from run to run (measured: 2 of 6 runs differed), and a seed must
+            # reproduce the same file. Encoding is a small fraction of generation time.
+            self._stream.codec_context.thread_count = 1
         except Exception as e:
             self.abort()
             raise ValidationError(f"cannot set up the {codec} encoder ({e}); check pix_fmt/codec") from None
