@@ -540,6 +540,9 @@ def make_batch_dynamic(model, *, dim_name: str = "batch", verify: bool = True, v
         graph.initializer.append(numpy_helper.from_array(shape, new_name))
         node.input[1] = new_name
         rewritten += 1
+        users[shape_name] -= 1
+        if users[shape_name] == 0 and kind == "init":
+            graph.initializer.remove(proto)
 
     try:
         onnx.checker.check_model(m, full_check=True)
