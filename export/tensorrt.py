@@ -281,7 +281,7 @@ def build_engine(onnx_path: Path, *, precision: str = "fp16", profiles=None, tim
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     _set_precision(trt, config, precision, compute_capability)
-    if precision != "fp32":
+    if precision in ("fp16", "bf16", "fp8"):
         _pin_reductions(trt, network)
     for profile_spec in _normalise_profiles(profiles):
         profile = builder.create_optimization_profile()
