@@ -47,7 +47,6 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Sequence
 
@@ -58,7 +57,8 @@ from torch import Tensor
 
 from ..engine.config import VAEConfig
 from ..engine.errors import CheckpointError, ValidationError
-from ..engine.vae import CausalCache, WanVAE
+from ..engine.vae import WanVAE
+from ..engine.vae_fast import VAEStep
 
 OPSET = 17
 MANIFEST = "manifest.json"
@@ -93,25 +93,6 @@ def weights_sha256(module: nn.Module) -> str:
 # --------------------------------------------------------------------------------------------
 # VAE steps as pure tensor functions
 # --------------------------------------------------------------------------------------------
-
-class VAEStep(nn.Module):
-    """One encoder or decoder step of a WanVAE: forward(x, *cache) -> (y, *new_cache).
-    `first=True` is the stream start (no cache inputs). The decoder output is not clamped."""
-
-    def __init__(self, vae: WanVAE, part: str, first: bool):
-        super().__init__()
-        if part not in ("encode", "decode"):
-            raise ValidationError(f"part must be 'encode' or 'decode', got {part!r}")
-        self.vae, self.part, self.first = vae, part, first
-
-    def forward(self, x: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
-        past = None if self.first else CausalCache(tuple(cache))
-        if self.part == "decode":
-            y, new = self.vae.decode_step(x, past, clamp=False)
-        else:
-            y, new = self.vae.encode_step(x, past)
-        return (y, *new.tensors)
-
 
 def step_input_shape(config: VAEConfig, part: str, first: bool, height: int, width: int,
                      batch: int = 1) -> tuple[int, ...]:

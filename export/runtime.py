@@ -1,7 +1,7 @@
 """VAE backends over the exported step graphs: the WanVAE interface (encode, decode,
 decode_stream, encode_step, decode_step, dtype, config) run by ONNX Runtime or TensorRT.
 
-    vae = make_vae_backend(torch_vae, "onnx", cache_dir)       # or "tensorrt", or "torch"
+    vae = make_vae_backend(torch_vae, "onnx", cache_dir)       # or "tensorrt", "compiled", "torch"
     pipeline = Pipeline(dit, vae, clip, ...)                    # `wanimate run --vae-backend onnx`
 
 The graphs have static shapes (one resolution, batch 1; export/onnx.py). A backend is built from
@@ -13,21 +13,22 @@ streams. Spatial tiling is not supported by these backends (a tile would need it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..engine.errors import CheckpointError, ValidationError
-from ..engine.vae import CausalCache, Tiling, WanVAE
+from ..engine.vae import CausalCache, WanVAE
+from ..engine.vae_fast import FastVAE, StreamingVAE
 from .onnx import (MANIFEST, config_from_manifest, export_vae_onnx, open_session, read_manifest,
                    weights_sha256)
 
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("torch", "compiled", "onnx", "tensorrt")
 
 
-class StepGraphVAE:
+class StepGraphVAE(StreamingVAE):
     """WanVAE's streaming interface over the four step graphs of each exported resolution.
     Subclasses run one graph: `_run(export_dir, manifest, graph, inputs) -> outputs`."""
 
@@ -76,19 +77,11 @@ class StepGraphVAE:
         self._add(d)
         return self._exports[key]
 
-    # ---- the WanVAE interface ----------------------------------------------------------------
+    # ---- the WanVAE interface (clip loops from StreamingVAE) --------------------------------
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32   # the graphs take fp32; engines may compute lower inside
-
-    @property
-    def time_stride(self) -> int:
-        return self.config.stride[0]
-
-    @property
-    def space_stride(self) -> int:
-        return self.config.stride[1]
 
     def _run(self, export_dir: Path, manifest: dict, graph: str, inputs: list[Tensor]) -> list[Tensor]:
         raise NotImplementedError
@@ -125,49 +118,6 @@ class StepGraphVAE:
         s = self.space_stride
         y, cache = self._step("decode", z_frame, cache, z_frame.shape[3] * s, z_frame.shape[4] * s)
         return (y.clamp(-1.0, 1.0) if clamp else y), cache
-
-    @staticmethod
-    def _no_tiling(tiling: Tiling | None) -> None:
-        if tiling is not None:
-            raise ValidationError("the onnx/tensorrt VAE backends do not tile; use --vae-backend torch for tiling")
-
-    @torch.no_grad()
-    def encode(self, video: Tensor, *, tiling: Tiling | None = None) -> Tensor:
-        """video [B,3,1+4k,H,W] in [-1,1] -> normalised latent mean [B,z,1+k,H/8,W/8] (fp32)."""
-        self._no_tiling(tiling)
-        WanVAE._check_video(self, video)
-        WanVAE._check_frames(self, video)
-        b, _, t, h, w = video.shape
-        s, n = self.space_stride, self.time_stride
-        out = torch.empty(b, self.config.z_dim, 1 + (t - 1) // n, h // s, w // s, device=video.device)
-        for i in range(b):
-            item = video[i:i + 1]
-            chunks = [item[:, :, :1]] + [item[:, :, j:j + n] for j in range(1, t, n)]
-            cache = None
-            for k, chunk in enumerate(chunks):
-                latent, cache = self.encode_step(chunk, cache)
-                out[i:i + 1, :, k:k + 1] = latent.to(out.device)
-        return out
-
-    @torch.no_grad()
-    def decode_stream(self, latent: Tensor, *, tiling: Tiling | None = None,
-                      clamp: bool = True) -> Iterator[Tensor]:
-        """Pixel chunks [B,3,n,8h,8w] (fp32; n = 1 for the first latent frame, 4 after)."""
-        self._no_tiling(tiling)
-        WanVAE._check_latent(self, latent)
-        b, _, t, _, _ = latent.shape
-        caches: list[CausalCache | None] = [None] * b
-        for k in range(t):
-            parts = []
-            for i in range(b):
-                pixels, caches[i] = self.decode_step(latent[i:i + 1, :, k:k + 1], caches[i], clamp=clamp)
-                parts.append(pixels.to(latent.device))
-            yield parts[0] if b == 1 else torch.cat(parts, dim=0)
-
-    @torch.no_grad()
-    def decode(self, latent: Tensor, *, tiling: Tiling | None = None, clamp: bool = True) -> Tensor:
-        """Normalised latent [B,z,T,h,w] -> video [B,3,1+4(T-1),8h,8w], fp32."""
-        return torch.cat(list(self.decode_stream(latent, tiling=tiling, clamp=clamp)), dim=2)
 
 
 class OnnxVAE(StepGraphVAE):
@@ -226,12 +176,15 @@ class TensorRTVAE(StepGraphVAE):
 
 
 def make_vae_backend(vae: WanVAE, backend: str = "torch", cache_dir: Path | None = None, **options):
-    """The VAE for `Pipeline(dit, vae, clip)`: `vae` itself for 'torch', else an OnnxVAE or
-    TensorRTVAE that exports (and builds) into cache_dir on first use of each resolution."""
+    """The VAE for `Pipeline(dit, vae, clip)`: `vae` itself for 'torch'; 'compiled' = FastVAE
+    (channels-last, torch.compile per step; changes vae's weight layout in place); else an
+    OnnxVAE or TensorRTVAE that exports (and builds) into cache_dir on first use of each resolution."""
     if backend == "torch":
         return vae
     if backend not in BACKENDS:
         raise ValidationError(f"vae backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "compiled":
+        return FastVAE(vae, compile=True, channels_last=True, **options)
     if cache_dir is None:
         raise ValidationError(f"the {backend} VAE backend needs a cache folder for its exported graphs")
     if backend == "onnx":
