@@ -306,17 +306,20 @@ def verify_vae_export(vae: WanVAE, export_dir: Path, *, latent: Tensor | None = 
     cfg = vae.config
     s = cfg.stride[1]
     result: dict[str, float] = {}
-    model = vae.float()
-    if "decode_step" in manifest["graphs"]:
-        if latent is None:
-            latent = torch.randn(1, cfg.z_dim, frames, height // s, width // s, generator=g)
-        ref = model.decode(latent.float(), clamp=False)
-        result["decode_rel_l2"] = _rel_l2(backend.decode(latent, clamp=False), ref)
-    if "encode_step" in manifest["graphs"]:
-        if video is None:
-            video = (torch.randn(1, 3, 1 + cfg.stride[0] * (frames - 1), height, width, generator=g) * 0.5).clamp(-1, 1)
-        ref = model.encode(video.float())
-        result["encode_rel_l2"] = _rel_l2(backend.encode(video), ref)
+    model = vae if vae.dtype == torch.float32 else copy.deepcopy(vae).float()
+    device = next(model.parameters()).device
+    # The reference is strict fp32: on a GPU cuDNN would otherwise run these convs in TF32.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        if "decode_step" in manifest["graphs"]:
+            if latent is None:
+                latent = torch.randn(1, cfg.z_dim, frames, height // s, width // s, generator=g)
+            ref = model.decode(latent.float().to(device), clamp=False).cpu()
+            result["decode_rel_l2"] = _rel_l2(backend.decode(latent.cpu(), clamp=False), ref)
+        if "encode_step" in manifest["graphs"]:
+            if video is None:
+                video = (torch.randn(1, 3, 1 + cfg.stride[0] * (frames - 1), height, width, generator=g) * 0.5).clamp(-1, 1)
+            ref = model.encode(video.float().to(device)).cpu()
+            result["encode_rel_l2"] = _rel_l2(backend.encode(video.cpu()), ref)
     return result
 
 
