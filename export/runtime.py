@@ -143,10 +143,12 @@ class OnnxVAE(StepGraphVAE):
 
 class TensorRTVAE(StepGraphVAE):
     """The step graphs as TensorRT engines (built on first use, cached and hash-checked by
-    export/tensorrt.py), run on torch CUDA tensors on the current stream."""
+    export/tensorrt.py), run on torch CUDA tensors on the current stream. Default precision bf16:
+    fp16 has too little range for the VAE's unnormalised activations (the official VAE is fp32);
+    'fp32' is the parity setting. NOT RUN against real TensorRT (see export/README.md)."""
 
     def __init__(self, export_dirs: Path | Sequence[Path] = (), *, source: WanVAE | None = None,
-                 cache_dir: Path | None = None, precision: str = "fp16", device: torch.device | str | None = None,
+                 cache_dir: Path | None = None, precision: str = "bf16", device: torch.device | str | None = None,
                  trt=None, engine_cache_dir: Path | None = None, **build_options):
         from .tensorrt import import_tensorrt
 

@@ -2,7 +2,7 @@
 present; the kernels run against their torch reference where a GPU is present (not here)."""
 from __future__ import annotations
 
-import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,6 +30,10 @@ def _build(build_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> Path:
+    """A fresh build; or the library named by WANIMATE_NATIVE_LIB (built elsewhere) if set."""
+    prebuilt = os.environ.get("WANIMATE_NATIVE_LIB")
+    if prebuilt and Path(prebuilt).is_file():
+        return Path(prebuilt)
     return _build(tmp_path_factory.mktemp("build"))
 
 
