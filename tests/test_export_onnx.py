@@ -318,3 +318,21 @@ def test_export_pose_writes_dynamic_models(tmp_path):
     with pytest.raises(ValidationError, match="format"):
         export_pose(None, None, tmp_path, format="openvino")
     assert json.dumps(out)   # plain data for the CLI
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_with_the_onnx_vae(tmp_path):
+    """The animate e2e fixture (3 segments, encode + streamed decode + refert frames) with the
+    pipeline's VAE swapped for the ONNX backend: what `wanimate run --vae-backend onnx` does.
+    Minutes on a 2-core CPU."""
+    from wanimate.engine.verify import e2e
+    from helpers import E2E_FIXTURES
+
+    path = E2E_FIXTURES / "animate_r1_g1.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checks = e2e.run(path, load_meta(path), vae_backend="onnx", vae_cache_dir=tmp_path)
+    assert len(checks) > 20
+    failed = [c for c in checks if not c.passed]
+    assert not failed, failed
+    assert list(tmp_path.glob("*/*x*/decode_step.onnx"))
