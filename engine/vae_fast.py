@@ -127,7 +127,10 @@ def _channels_last(t: Tensor) -> Tensor:
 
 class FastVAE(StreamingVAE):
     """The WanVAE interface with channels-last and/or compiled steps (see the module docstring).
-    `channels_last` changes the layout of `vae`'s conv weights in place."""
+    `channels_last` changes the layout of `vae`'s conv weights in place. Compiled: each
+    resolution adds 4 graphs (encode/decode x first/steady) under dynamo's recompile limit
+    (8 by default), so a process serving more than two resolutions falls back to eager for the
+    rest (dynamo warns); raise torch._dynamo.config.recompile_limit where that matters."""
 
     def __init__(self, vae: WanVAE, *, compile: bool = False, channels_last: bool = False,
                  compile_options: dict | None = None):
