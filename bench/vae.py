@@ -1,9 +1,13 @@
 """VAE decode (and encode) speed and peak memory: our torch VAE (eager, channels_last_3d,
-torch.compile per step with static shapes, both) against diffusers' AutoencoderKLWan, same run.
+native = channels-last + the fused RMS_norm+SiLU CUDA kernel of CMakeLists.txt, torch.compile per
+step with static shapes, compile + channels-last) against diffusers' AutoencoderKLWan, same run.
 
     python -m wanimate.bench.vae                          # GPU: 480p + 720p, bf16 + fp32, 77 frames
     python -m wanimate.bench.vae --dtypes bf16            # the target rows only (faster)
     python -m wanimate.bench.vae --smoke                  # CPU, toy sizes: checks the code path
+
+The `native` rows need build/libwanimate_vae_ops.so (cmake -S . -B build && cmake --build build)
+or WANIMATE_NATIVE_LIB; without it they are recorded as errors and the run goes on.
 
 Models have random weights at the real size (dim 96, z 16; timing depends only on shapes). Ours
 all share one set of weights, so each of our rows also reports its output's rel L2 against our
@@ -34,8 +38,8 @@ import torch
 
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280), "smoke": (32, 48)}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-PATHS = ("eager", "channels_last", "compile", "compile_cl", "diffusers")
-DEFAULT_PATHS = ("eager", "channels_last", "compile_cl", "diffusers")
+PATHS = ("eager", "channels_last", "native", "compile", "compile_cl", "diffusers")
+DEFAULT_PATHS = ("eager", "channels_last", "native", "compile_cl", "diffusers")
 DIFFUSERS_480P_BF16_S = 1.74     # H200, measured by the lead (issue 9): the targets' baseline
 DIFFUSERS_720P_BF16_S = 3.99
 
@@ -73,6 +77,13 @@ def _our_model(base, path: str, dtype: torch.dtype):
     model = copy.deepcopy(base).to(dtype)
     if path == "eager":
         return model
+    if path == "native":
+        # Eager, channels-last, RMS_norm+SiLU through the CMake-built CUDA kernel (export/native.py).
+        from wanimate.export.native import NativeOps, fuse_norm_silu
+
+        ops = NativeOps.load() if model.conv2.weight.is_cuda else None
+        fuse_norm_silu(model, ops)
+        return FastVAE(model, channels_last=True)
     return FastVAE(model, compile=path in ("compile", "compile_cl"),
                    channels_last=path in ("channels_last", "compile_cl"))
 

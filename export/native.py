@@ -7,8 +7,9 @@ CUDA tensors, and their pure-torch references.
 
 `rms_norm_silu` equals `rms_norm_silu_ref` (the VAE's RMSNorm followed by SiLU, fp32 arithmetic)
 and can write into a frame range of a larger buffer (`out=`, `frame_offset=`): the causal conv's
-[cache | new frames] input. Optional: nothing in the engine needs the library; it is tested
-where nvcc (build) and a GPU (run) exist.
+[cache | new frames] input. `fuse_norm_silu(vae, ops)` swaps the VAE's RMSNorm+SiLU pairs for the
+fused op (eager path; bench/vae.py row `native`). Optional: nothing in the engine needs the
+library; it is tested where nvcc (build) and a GPU (run) exist.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..engine.errors import CheckpointError, ValidationError
+from ..engine.vae import RMSNorm
 
 ABI_VERSION = 1
 LIB_NAME = "libwanimate_vae_ops.so"
@@ -101,4 +104,36 @@ class NativeOps:
         raise ValidationError("x must be contiguous NCDHW (out= allowed) or channels_last_3d (no out=)")
 
 
-__all__ = ["NativeOps", "rms_norm_silu_ref", "default_library", "ABI_VERSION"]
+class FusedRMSNormSiLU(nn.Module):
+    """engine/vae.py's RMSNorm + SiLU as one module: the CUDA kernel when `ops` is given and the
+    input suits it, else the torch reference. Holds the norm's own `gamma` Parameter, so the
+    state-dict keys are unchanged (`...residual.0.gamma`)."""
+
+    def __init__(self, norm: RMSNorm, ops: NativeOps | None = None):
+        super().__init__()
+        self.gamma = norm.gamma
+        self.ops = ops
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.ops is not None and x.is_cuda and x.dim() == 5 and x.dtype in _DTYPES
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d))):
+            return self.ops.rms_norm_silu(x, self.gamma)
+        return rms_norm_silu_ref(x, self.gamma)
+
+
+def fuse_norm_silu(vae: nn.Module, ops: NativeOps | None = None) -> int:
+    """Swap every (RMSNorm, SiLU) pair of the VAE's sequential blocks (residual branches, heads)
+    for FusedRMSNormSiLU + Identity, in place. Returns how many pairs were fused."""
+    fused = 0
+    for module in vae.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        for i in range(len(module) - 1):
+            if isinstance(module[i], RMSNorm) and isinstance(module[i + 1], nn.SiLU) and module[i].gamma.dim() == 4:
+                module[i] = FusedRMSNormSiLU(module[i], ops)
+                module[i + 1] = nn.Identity()
+                fused += 1
+    return fused
+
+
+__all__ = ["NativeOps", "rms_norm_silu_ref", "default_library", "ABI_VERSION", "FusedRMSNormSiLU", "fuse_norm_silu"]

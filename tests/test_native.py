@@ -96,3 +96,38 @@ def test_kernels_match_the_reference(library, dtype, tol, layout):
     # Zero vectors stay finite (the eps clamp), as in F.normalize.
     z = torch.zeros(1, c, 1, 2, 2, device="cuda", dtype=dtype)
     assert torch.isfinite(ops.rms_norm_silu(z, gamma)).all()
+
+
+def test_fused_modules_keep_keys_and_outputs():
+    from wanimate.export.native import FusedRMSNormSiLU, fuse_norm_silu
+    from wanimate.export.onnx import load_vae_source
+
+    vae = load_vae_source("recipe:tiny")
+    fused = load_vae_source("recipe:tiny")
+    n = fuse_norm_silu(fused)                           # no library: the torch reference runs
+    blocks = sum(1 for name, _ in vae.named_modules() if name.endswith(".residual"))
+    assert n == 2 * blocks + 2                          # two per residual branch + both heads
+    assert isinstance(fused.decoder.head[0], FusedRMSNormSiLU)
+    assert list(fused.state_dict()) == list(vae.state_dict())
+    latent = torch.randn(1, 16, 2, 2, 2, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(fused.decode(latent), vae.decode(latent), rtol=1e-6, atol=1e-6)
+    assert fuse_norm_silu(fused) == 0                   # idempotent
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_vae_on_gpu_matches_eager(library, channels_last):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from wanimate.engine.vae_fast import FastVAE
+    from wanimate.export.native import fuse_norm_silu
+    from wanimate.export.onnx import load_vae_source
+
+    vae = load_vae_source("recipe:tiny").cuda()
+    fused = load_vae_source("recipe:tiny").cuda()
+    assert fuse_norm_silu(fused, NativeOps.load(library)) > 0
+    model = FastVAE(fused, channels_last=True) if channels_last else fused
+    latent = torch.randn(1, 16, 3, 6, 10, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        ref, got = vae.decode(latent), model.decode(latent)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-5
