@@ -84,9 +84,9 @@ def weights_sha256(module: nn.Module) -> str:
     """Hash of a module's state dict (names, dtypes, shapes and bytes), device independent."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        flat = t.detach().cpu().contiguous().reshape(-1)      # 0-d tensors cannot view as bytes
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 
@@ -572,7 +572,8 @@ def check_batch_equivalence(single, batched, *, batch: int = 3, rtol: float = 1e
             if g.shape[0] != batch or not np.allclose(g[i:i + 1], r, rtol=rtol, atol=atol):
                 raise CheckpointError(f"output {out.name}: item {i} of a batch of {batch} differs from a "
                                       "single run; the graph mixes batch items (re-export it from its "
-                                      "source with a dynamic batch axis)")
+                                      "source with a dynamic batch axis; if only near-tied top-k scores "
+                                      "swapped places, check with real inputs and pass verify=False)")
 
 
 def export_pose(det_onnx: Path | None, pose_onnx: Path | None, out_dir: Path, *, format: str = "onnx",
