@@ -90,7 +90,7 @@ def run_model(model, inputs: dict, t: int, pipeline_dtypes: dict[str, torch.dtyp
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def run(path: Path, meta: dict) -> list[Check]:
+def run(path: Path, meta: dict, **_options) -> list[Check]:
     name = path.stem
     inputs = fixture_inputs(path, meta)
     timesteps = [int(v) for v in inputs["input.t"].tolist()]

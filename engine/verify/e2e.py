@@ -55,14 +55,23 @@ def encode_ids(t5, ids: list[list[int]], text_len: int) -> list[torch.Tensor]:
         return pipeline_context(t5.encode(tokens, mask), mask, text_len).trimmed
 
 
-def run(path: Path, meta: dict, **options) -> list[Check]:
+def run(path: Path, meta: dict, *, vae_backend: str = "torch", vae_cache_dir: Path | None = None,
+        **options) -> list[Check]:
+    """`vae_backend` 'onnx'/'tensorrt' runs the pipeline with an exported VAE (verify/vae.py)."""
+    if vae_backend != "torch" and vae_cache_dir is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="wanimate-vae-") as tmp:
+            return run(path, meta, vae_backend=vae_backend, vae_cache_dir=Path(tmp), **options)
     name = path.stem
     data = load_file(str(path.with_suffix(".safetensors")))
     call = meta["call"]
     dit, vae, t5, clip = build_models(meta)
     text_len = meta["resolved"].get("text_len", 512)
     context, context_null = encode_ids(t5, [meta["resolved"]["prompt_ids"], meta["resolved"]["neg_prompt_ids"]], text_len)
-    pipe = Pipeline(dit, vae, clip)
+    from .vae import backend
+
+    pipe = Pipeline(dit, backend(vae, vae_backend, vae_cache_dir), clip)
     face = np.repeat(np.repeat(data["input.face_lowres"].numpy(), 4, axis=1), 4, axis=2)
     replace = bool(call.get("replace_flag"))
     options = GenerateOptions(mode="replace" if replace else "animate", steps=int(call["sampling_steps"]),

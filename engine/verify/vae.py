@@ -40,7 +40,27 @@ def _input(name: str, meta: dict, stored: dict[str, torch.Tensor]) -> torch.Tens
     return x
 
 
-def run(path: Path, meta: dict, **_options) -> list[Check]:
+def backend(model: WanVAE, vae_backend: str, cache_dir: Path):
+    """The fixture's VAE through another backend (export/runtime.py): 'onnx' exports the fixture
+    model's step graphs into cache_dir and runs them with ONNX Runtime; 'tensorrt' also builds
+    strict-fp32 engines (so the same tolerance applies)."""
+    if vae_backend == "torch":
+        return model
+    from ...export.runtime import make_vae_backend
+
+    options = {"precision": "fp32"} if vae_backend == "tensorrt" else {}
+    return make_vae_backend(model, vae_backend, cache_dir, **options)
+
+
+def run(path: Path, meta: dict, *, vae_backend: str = "torch", vae_cache_dir: Path | None = None,
+        **_options) -> list[Check]:
+    """`vae_backend` ('torch' default, 'onnx', 'tensorrt') runs the same calls through an
+    exported model; its graphs go to vae_cache_dir (a temporary folder if None)."""
+    import tempfile
+
+    if vae_cache_dir is None and vae_backend != "torch":
+        with tempfile.TemporaryDirectory(prefix="wanimate-vae-") as tmp:
+            return run(path, meta, vae_backend=vae_backend, vae_cache_dir=Path(tmp), **_options)
     from safetensors.torch import load_file
 
     name = Path(path).stem
@@ -48,7 +68,7 @@ def run(path: Path, meta: dict, **_options) -> list[Check]:
     if not data.exists():
         raise FixtureError(f"{data} not found")
     stored = load_file(str(data))
-    model = build(meta)
+    model = backend(build(meta), vae_backend, vae_cache_dir)
     video = _input("input.video", meta, stored)
     latent = _input("input.latent", meta, stored)
 
