@@ -50,6 +50,7 @@ Tiling
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import VAEConfig
-from .errors import ValidationError
+from .errors import CheckpointError, ValidationError
 
 CACHE_FRAMES = 2  # past frames a 3-frame causal kernel needs
 
@@ -662,3 +663,60 @@ class WanVAE(nn.Module):
             out[:, :, start:start + pixels.shape[2]] = pixels
             start += pixels.shape[2]
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers' AutoencoderKLWan layout
+# --------------------------------------------------------------------------------------------
+
+_DIFFUSERS_RESIDUAL = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.",
+                       "residual.6.": "conv2.", "shortcut.": "conv_shortcut."}
+_UPSAMPLER_KEY = re.compile(r"^decoder\.upsamples\.(\d+)\.(resample|time_conv)\.")
+
+
+def _diffusers_vae_key(key: str, num_res_blocks: int) -> str:
+    def block(rest: str) -> str:
+        for old, new in _DIFFUSERS_RESIDUAL.items():
+            if rest.startswith(old):
+                return new + rest[len(old):]
+        return rest                                   # resample.1.*, time_conv.*
+
+    for old, new in (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    part, _, rest = key.partition(".")               # encoder | decoder
+    if part not in ("encoder", "decoder"):
+        raise CheckpointError(f"VAE key {key!r} has no diffusers name")
+    for old, new in (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out.")):
+        if rest.startswith(old):
+            return f"{part}.{new}{rest[len(old):]}"
+    if m := re.fullmatch(r"middle\.(\d)\.(.*)", rest):
+        i, tail = int(m[1]), m[2]
+        if i == 1:
+            return f"{part}.mid_block.attentions.0.{tail}"
+        return f"{part}.mid_block.resnets.{i // 2}.{block(tail)}"
+    if m := re.fullmatch(r"downsamples\.(\d+)\.(.*)", rest):
+        return f"{part}.down_blocks.{m[1]}.{block(m[2])}"  # diffusers keeps the encoder's flat list
+    if m := re.fullmatch(r"upsamples\.(\d+)\.(.*)", rest):
+        # Per level: num_res_blocks + 1 residual blocks, then one upsampler (not after the last).
+        level, j = divmod(int(m[1]), num_res_blocks + 2)
+        if j <= num_res_blocks:
+            return f"{part}.up_blocks.{level}.resnets.{j}.{block(m[2])}"
+        return f"{part}.up_blocks.{level}.upsamplers.0.{m[2]}"
+    raise CheckpointError(f"VAE key {key!r} has no diffusers name")
+
+
+def official_vae_to_diffusers(state: Mapping[str, Tensor], num_res_blocks: int | None = None) -> dict[str, Tensor]:
+    """Official WanVAE_ state dict (this module's names) -> diffusers `AutoencoderKLWan` state dict.
+
+    Only names change; tensors are shared, not copied. The decoder's per-level block count comes
+    from the first upsampler's index (num_res_blocks + 1) unless `num_res_blocks` is given. The
+    latent mean/std are constructor arguments on both sides (`latents_mean`/`latents_std` there).
+    """
+    if num_res_blocks is None:
+        firsts = [int(m[1]) for k in state if (m := _UPSAMPLER_KEY.match(k))]
+        if not firsts:
+            raise ValidationError("cannot infer num_res_blocks from a VAE state dict without decoder "
+                                  "upsamplers: pass num_res_blocks")
+        num_res_blocks = min(firsts) - 1
+    return {_diffusers_vae_key(k, num_res_blocks): v for k, v in state.items()}

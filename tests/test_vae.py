@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from wanimate.engine import recipe
 from wanimate.engine.config import VAEConfig
 from wanimate.engine.errors import ValidationError
-from wanimate.engine.vae import CausalCache, Tiling, WanVAE, vae_config_from_official
+from wanimate.engine.vae import CausalCache, Tiling, WanVAE, official_vae_to_diffusers, vae_config_from_official
 from wanimate.engine.verify import rel_l2
 from wanimate.engine.verify import vae as vae_runner
 
@@ -306,48 +305,13 @@ def test_no_global_flags_touched(vae):
 
 # ---- diffusers -------------------------------------------------------------------------------
 
-_RESIDUAL = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.",
-             "residual.6.": "conv2.", "shortcut.": "conv_shortcut."}
-
-
-def _to_diffusers_key(key: str, num_res_blocks: int) -> str:
-    """Official WanVAE_ name -> diffusers AutoencoderKLWan name."""
-    def block(rest: str) -> str:
-        for old, new in _RESIDUAL.items():
-            if rest.startswith(old):
-                return new + rest[len(old):]
-        return rest                                   # resample.1.*, time_conv.*
-
-    for old, new in (("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    part, rest = key.split(".", 1)                    # encoder | decoder
-    for old, new in (("conv1.", "conv_in."), ("head.0.", "norm_out."), ("head.2.", "conv_out.")):
-        if rest.startswith(old):
-            return f"{part}.{new}{rest[len(old):]}"
-    if m := re.fullmatch(r"middle\.(\d)\.(.*)", rest):
-        i, tail = int(m[1]), m[2]
-        if i == 1:
-            return f"{part}.mid_block.attentions.0.{tail}"
-        return f"{part}.mid_block.resnets.{i // 2}.{block(tail)}"
-    if m := re.fullmatch(r"downsamples\.(\d+)\.(.*)", rest):
-        return f"{part}.down_blocks.{m[1]}.{block(m[2])}"  # diffusers keeps the flat list
-    if m := re.fullmatch(r"upsamples\.(\d+)\.(.*)", rest):
-        # Per level: num_res_blocks + 1 residual blocks, then one upsampler (not after the last).
-        level, j = divmod(int(m[1]), num_res_blocks + 2)
-        if j <= num_res_blocks:
-            return f"{part}.up_blocks.{level}.resnets.{j}.{block(m[2])}"
-        return f"{part}.up_blocks.{level}.upsamplers.0.{m[2]}"
-    raise KeyError(key)
-
-
 def _diffusers_vae(cfg: VAEConfig, state: dict[str, torch.Tensor]):
     from diffusers import AutoencoderKLWan
     model = AutoencoderKLWan(base_dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
                              num_res_blocks=cfg.num_res_blocks, attn_scales=[],
                              temperal_downsample=list(cfg.temporal_downsample),
                              latents_mean=list(cfg.mean), latents_std=list(cfg.std))
-    model.load_state_dict({_to_diffusers_key(k, cfg.num_res_blocks): v for k, v in state.items()}, strict=True)
+    model.load_state_dict(official_vae_to_diffusers(state), strict=True)
     return model.eval()
 
 
