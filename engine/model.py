@@ -543,6 +543,7 @@ class WanAnimateDiT(nn.Module):
     def denoise(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditions) -> torch.Tensor:
         """latents [B, 16, F+1, h, w], t [B] integer timesteps -> velocity [B, 16, F+1, h, w] fp32."""
         dtype, cfg = self.dtype, self.cfg
+        t = t.to(latents.device)
         x = self.patch_embedding(torch.cat([latents, cond.y.to(latents.dtype)], dim=1).to(dtype))
         x = torch.cat([x[:, :, :1], x[:, :, 1:] + cond.pose_tokens], dim=2)   # pose on frames 1..F
         b, c = x.shape[:2]

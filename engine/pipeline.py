@@ -192,8 +192,9 @@ Progress = Callable[[str, int, int], None]       # (stage, done, total)
 
 
 def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
-    """[3, n, H, W] in [-1, 1] -> [n, H, W, 3] uint8, as the official save_video maps (-1, 1)."""
-    x = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """[3, n, H, W] in [-1, 1] -> [n, H, W, 3] uint8 exactly as the official save_video maps it:
+    clamp, (x + 1) / 2 (make_grid's value_range normalisation), * 255, truncation to uint8."""
+    x = ((frames.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)
     return x.permute(1, 2, 3, 0).cpu().numpy()
 
 
