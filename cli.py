@@ -2,6 +2,7 @@
 that tests and servers call directly; no logic lives only here."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,11 +17,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 @app.command()
-def verify(directory: Path = typer.Argument(..., help="a folder of parity fixtures (json + safetensors/npz)")):
+def verify(directory: Path = typer.Argument(..., help="a folder of parity fixtures (json + safetensors/npz)"),
+           vae_backend: str = typer.Option("torch", help="run the VAE fixtures through: torch | onnx")):
     """Run every parity fixture in DIRECTORY against the engine; exit 1 if any fails."""
     from .engine.verify import format_table, verify as run_verify
 
-    checks = run_verify(directory, progress=lambda s: typer.echo(s, err=True))
+    checks = run_verify(directory, progress=lambda s: typer.echo(s, err=True), vae_backend=vae_backend)
     typer.echo(format_table(checks))
     raise typer.Exit(0 if all(c.passed for c in checks) else 1)
 
@@ -80,6 +82,8 @@ def run(
     fp32: bool = typer.Option(False, "--fp32", help="run the DiT in fp32 instead of the official bf16 mixed precision"),
     attention: str = typer.Option("sdpa", help="self-attention backend: sdpa | flash | xformers | triton | sage"),
     exact_steps: str = typer.Option("1,1", help="with a quantized attention backend: first,last steps kept exact"),
+    vae_backend: str = typer.Option("torch", help="torch | compiled | onnx | tensorrt (exported once per resolution)"),
+    vae_cache: Path = typer.Option(None, help="folder for exported VAE graphs/engines (default ~/.cache/wanimate/vae)"),
 ):
     """Generate a video: the reference image performs the driving video's motion (animate) or
     replaces its person (replace)."""
@@ -112,6 +116,7 @@ def run(
         pre = {"resolution_area": wanted} if wanted else ({"resolution_area": EMBEDDED_AREA} if embedded else {})
         report = run_job(output, options, src=src, image=image, video=video, ckpt_dir=ckpt_dir, device=device,
                          dtype=torch.float32 if fp32 else torch.bfloat16, preprocess_options=pre,
+                         vae_backend=vae_backend, vae_cache=vae_cache,
                          progress=progress, log=lambda s: typer.echo(f"wanimate: {s}", err=True))
     except WanimateError as e:
         typer.echo(f"error: {e}", err=True)
@@ -161,6 +166,55 @@ def preprocess(
 
 # The embedded default's generation size (area as width x height): small enough for a CPU.
 EMBEDDED_AREA = (128, 72)
+
+
+export_app = typer.Typer(help="Export the VAE or the preprocessing models to ONNX / TensorRT.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("vae")
+def export_vae_cmd(
+    output: Path = typer.Option(..., "-o", "--output", help="folder for the exported graphs (one subfolder per size)"),
+    ckpt_dir: Path = typer.Option(None, help="checkpoint folder (its converted Wan2.1_VAE); default: the embedded tiny VAE"),
+    format: str = typer.Option("onnx", help="onnx | tensorrt"),
+    precision: str = typer.Option("fp32", help="fp32 | tf32 | bf16 | fp16 (TensorRT)"),
+    size: list[str] = typer.Option(["832x480"], help="pixel size WxH; repeat for several"),
+    device: str = typer.Option(None, help="where tracing runs (cuda makes real-size exports fast)"),
+):
+    """The VAE's encoder and decoder as per-step graphs with the causal cache as explicit I/O."""
+    from .engine.errors import WanimateError
+    from .export.onnx import export_vae
+
+    try:
+        sizes = [(h, w) for w, h in (_parse_size(s) for s in size)]
+        manifests = export_vae(ckpt_dir if ckpt_dir else "recipe:tiny", output, format=format, precision=precision,
+                               resolution=sizes, device=device)
+    except WanimateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    for m in manifests:
+        typer.echo(json.dumps({k: v for k, v in m.items() if k in ("resolution", "dir", "verified_rel_l2", "format")}))
+
+
+@export_app.command("pose")
+def export_pose_cmd(
+    ckpt_dir: Path = typer.Option(..., help="checkpoint folder holding process_checkpoint/det and pose2d"),
+    output: Path = typer.Option(..., "-o", "--output"),
+    format: str = typer.Option("onnx", help="onnx | tensorrt"),
+    precision: str = typer.Option("fp16", help="TensorRT precision"),
+):
+    """YOLOv10m and ViTPose-H with a dynamic batch (and TensorRT engines)."""
+    from .engine.errors import WanimateError
+    from .export.onnx import export_pose
+
+    try:
+        base = ckpt_dir / "process_checkpoint"
+        out = export_pose(base / "det" / "yolov10m.onnx", base / "pose2d" / "vitpose_h_wholebody.onnx", output,
+                          format=format, precision=precision)
+    except WanimateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps({k: str(v.get("onnx", v)) for k, v in out.items()}))
 
 
 @app.command()

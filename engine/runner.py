@@ -123,6 +123,7 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
         video: Path | None = None, pipeline: Pipeline | None = None, ckpt_dir: Path | None = None,
         device: str = "cpu", dtype: torch.dtype = torch.bfloat16, preprocess_options: dict | None = None,
         limits: MediaLimits = MediaLimits(), progress: Callable[[str, int, int], None] | None = None,
+        vae_backend: str = "torch", vae_cache: Path | None = None,
         log: Callable[[str], None] = lambda s: None) -> RunReport:
     """Generate `output` from a preprocessed folder (`src`) or from an image and a driving video
     (preprocessed first). `pipeline` may be a loaded Pipeline (servers keep one across requests);
@@ -163,6 +164,10 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
                 else:
                     pipeline = load_pipeline(ckpt_dir, device=device, dtype=dtype, progress=log)
                 timings["load_s"] = time.perf_counter() - tl
+            if vae_backend != "torch":
+                from ..export.runtime import make_vae_backend
+                cache = vae_cache or Path.home() / ".cache" / "wanimate" / "vae"
+                pipeline.vae = make_vae_backend(pipeline.vae, vae_backend, cache)
             height, width = pipeline.check_inputs(pose, sources["face"], options, sources.get("bg"), sources.get("mask"))
             log(f"{len(pose)} frames of {width}x{height} at {fps:g} fps, seed {options.seed}")
             with VideoWriter(output, fps=fps, width=width, height=height) as writer:
@@ -178,7 +183,8 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()}
     settings.update(embedded_default=embedded, checkpoint=str(ckpt_dir) if ckpt_dir else None, device=str(device),
                     dtype=str(pipeline.dtype).replace("torch.", ""), fps=fps, frames=result.n_frames,
-                    size=[height, width], attention=attention_report(pipeline.dit) | {"self": options.attention})
+                    size=[height, width], attention=attention_report(pipeline.dit) | {"self": options.attention},
+                    vae_backend=vae_backend)
     payload = sidecar_payload(options.seed, settings, manifest_hash(ckpt_dir) if ckpt_dir else None, device=device)
     payload["timings"] = timings
     sidecar = write_json_atomic(output.with_suffix(".json"), payload)
