@@ -468,7 +468,7 @@ def bench_wanimate(b: Bench, sizes):
             conds[size] = cond = model.prepare(x["y"], x["pose"], x["face"], x["text"], x["clip"])
         row("wanimate kernels", size, x, lambda: model.denoise(x["latents"], x["t"], cond), what="denoise",
             ref_key=size)
-        if b.cuda:
+        if b.cuda and "graph" not in b.args.skip_rows:
             graphed = GraphedDenoise(model, warmup=1)
             row("wanimate kernels + CUDA graph", size, x, lambda: graphed(x["latents"], x["t"], cond),
                 what="denoise", ref_key=size)
@@ -477,8 +477,27 @@ def bench_wanimate(b: Bench, sizes):
             b.guarded("dit", {"row": "wanimate kernels + CUDA graph", "what": "denoise", "size": size,
                               "skipped": "needs CUDA"}, dict)
         conds.pop(size)
-        cond = x = None
+        cond = None
+        if "sage" in b.args.extra_rows:
+            attention_rows(b, model, row, forward, size, x, "wanimate kernels + sage")
+        x = None
         b.free()
+    if "fp8" in b.args.extra_rows:
+        # Irreversible (the bf16 weights are replaced), so after every bf16 row; compile rows are
+        # then on the FP8 model and are best skipped (--skip-rows compile).
+        def quantize():
+            from wanimate.quant import QuantConfig, quantize_, weight_bytes
+            quantize_(model, QuantConfig("fp8"))
+            b.free()
+            return {"dit_weight_gb": round(weight_bytes(model) / 1e9, 2)}
+        b.guarded("dit", {"row": "fp8 quantize_ (weights per channel, activations per token)"}, quantize)
+        for size in sizes:
+            x = make_inputs(b, cfg, size)
+            row("wanimate fp8 + kernels", size, x, lambda: forward(x), ref_key=size)
+            if "sage" in b.args.extra_rows:
+                attention_rows(b, model, row, forward, size, x, "wanimate fp8 + kernels + sage")
+            x = None
+            b.free()
     if "compile" not in b.args.skip_rows:
         compile_blocks(model, mode=b.args.compile_mode, backend=b.args.compile_backend)
         for size in sizes:
@@ -488,6 +507,17 @@ def bench_wanimate(b: Bench, sizes):
     model = None
     torch._dynamo.reset()
     b.free()
+
+
+def attention_rows(b: Bench, model, row, forward, size, x, name):
+    """The same forward with the self-attention on the SageAttention-style kernel (engine/attention.py)."""
+    from wanimate.engine.attention import set_attention_backend
+    backend = b.args.sage_backend
+    set_attention_backend(model, backend, which=("self",))
+    try:
+        row(f"{name} ({backend})", size, x, lambda: forward(x), ref_key=size)
+    finally:
+        set_attention_backend(model, "sdpa", which=("self",))
 
 
 def fill_diffusers_buffers_(model):
@@ -628,7 +658,10 @@ def main(argv=None):
     p.add_argument("--out", help="JSON path (default $OUT/bench_kernels.json, else ./bench_kernels.json)")
     p.add_argument("--sizes", default=None, help="comma list of 480p, 720p (default both; --smoke: 480p)")
     p.add_argument("--parts", default="kernels,attention,dit,diffusers")
-    p.add_argument("--skip-rows", default="", help="comma list; 'compile' skips both compile rows")
+    p.add_argument("--skip-rows", default="", help="comma list; 'compile' skips both compile rows, 'graph' the CUDA-graph rows")
+    p.add_argument("--extra-rows", default="", help="comma list of sage, fp8: attention and quantization rows "
+                                                     "on the same model and inputs (issues 6 and 7)")
+    p.add_argument("--sage-backend", default="sage", help="attention backend name for the sage rows, e.g. sage:128x64x8x3")
     p.add_argument("--warmup", type=int, default=1, help="DiT warm-up calls (the first may compile)")
     p.add_argument("--reps", type=int, default=3, help="timed DiT calls at 480p")
     p.add_argument("--reps-720p", type=int, default=1, help="timed DiT calls at 720p")
@@ -637,6 +670,7 @@ def main(argv=None):
     p.add_argument("--compile-backend", default=None, help="default inductor (aot_eager in --smoke)")
     args = p.parse_args(argv)
     args.skip_rows = set(filter(None, args.skip_rows.split(",")))
+    args.extra_rows = set(filter(None, args.extra_rows.split(",")))
     args.sizes_given, args.sizes = args.sizes is not None, args.sizes or "480p,720p"
     args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     if args.smoke:

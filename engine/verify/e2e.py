@@ -77,7 +77,7 @@ def run(path: Path, meta: dict, *, vae_backend: str = "torch", vae_cache_dir: Pa
     options = GenerateOptions(mode="replace" if replace else "animate", steps=int(call["sampling_steps"]),
                               solver=call["sample_solver"], shift=float(call["shift"]), seed=int(call["seed"]),
                               clip_len=int(call["clip_len"]), refert_num=int(call["refert_num"]),
-                              guide_scale=float(call["guide_scale"]))
+                              guide_scale=float(call["guide_scale"]), batch_cfg=False)   # two passes, as officially
     trace: dict[str, list[torch.Tensor]] = {}
     motion: list[torch.Tensor] = []
     hook = dit.motion_encoder.register_forward_hook(lambda m, a, out: motion.append(out.detach().float()))
