@@ -1,6 +1,7 @@
 """The INT8 GEMM epilogue: int32 accumulators -> scaled, biased output in one pass.
 
     out_ij = (acc_ij * scale_a_i) * scale_b_j + bias_j        computed in fp32, rounded once to out dtype
+(`int8_epilogue_ref` in quant/act.py is the reference; the kernel matches it bit for bit)
 
 torch._int_mm returns int32 [M, N] and has no epilogue. Done in eager PyTorch the scaling takes
 three or four passes with fp32 temporaries (about 5x the bytes of the output; at [32760, 13824]
@@ -15,16 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..quant.act import int8_epilogue_ref  # noqa: F401  (the reference, in quant/ so the CPU path needs no triton)
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def int8_epilogue_ref(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """acc [M, N] int32, scale_a [M, 1] fp32, scale_b [N] fp32, bias [N] or None -> [M, N] out_dtype."""
-    y = (acc.float() * scale_a) * scale_b
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
 
 
 @triton.jit

@@ -1,12 +1,9 @@
 """Per-token activation quantization for the FP8 and INT8 linears (quant/): one pass over x.
 
-For every row x_i of x [M, K] (one token):
-    amax_i  = max(max_j |x_ij|, 1e-12)                     the floor keeps zero rows (padded text) finite
-    q_ij    = round(clamp(x_ij * (QMAX / amax_i), -QMAX, QMAX))   QMAX = 448 (e4m3fn) or 127 (int8)
-    scale_i = amax_i / QMAX                                 so that x_ij ~= q_ij * scale_i
-`round` is round-to-nearest-even onto the e4m3 grid (3 mantissa bits, subnormal spacing 2^-9) or
-onto the integers. Both divisions are single IEEE divisions (no reciprocal-then-multiply), so the
-kernel and `per_token_quant_ref` agree bit for bit.
+The math is `per_token_quant_ref` (quant/act.py, imported here as this kernel's reference; it lives
+there so that the CPU emulation needs no triton): per row, amax -> scale = amax / QMAX, and
+x * (QMAX / amax) rounded half-to-even onto the e4m3 grid or the integers. The kernel matches the
+reference bit for bit (both divisions are single IEEE divisions: div_rn here).
 
 Why a kernel: the reference in eager PyTorch makes five or six passes over x, two of them in fp32
 (about 5 GB of traffic for one [32760, 5120] bf16 input, ~1.5 ms on an H100 by bandwidth), which at
@@ -26,24 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-INT8_MAX = 127.0
-AMAX_FLOOR = 1e-12
+from ..quant.act import AMAX_FLOOR, FP8, FP8_MAX, INT8_MAX, per_token_quant_ref  # noqa: F401  (the reference)
+
 MAX_K = 32768              # one row per program, held in registers
 # Triton decides between compiling and interpreting when a kernel is defined, i.e. at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def per_token_quant_ref(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] (any float dtype) -> (q [M, K] int8 or float8_e4m3fn, scale [M, 1] fp32)."""
-    qmax = INT8_MAX if int8 else FP8_MAX
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR)
-    limit = torch.full_like(amax, qmax)
-    y = (xf * torch.div(limit, amax)).clamp(-qmax, qmax)
-    q = torch.round(y).to(torch.int8) if int8 else y.to(FP8)      # both round half to even
-    return q, torch.div(amax, limit)
 
 
 @triton.jit

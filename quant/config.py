@@ -1,0 +1,124 @@
+"""What to quantize and how: the QuantConfig dataclass and the layer policy.
+
+A scheme (fp8, int8, int8_wo, nf4) says how one nn.Linear is stored and computed; the policy says
+which of the DiT's linears are swapped. Only `nn.Linear` modules are candidates (the motion
+encoder's EqualLinear/EqualConv2d and all convolutions stay as they are), and these never are:
+
+- time_embedding.*, time_projection.*, head.head: engine/model.py runs them through `fp32_linear`,
+  which reads `layer.weight` directly (the official fp32 islands), so a swapped module would be
+  bypassed or break. They are 0.2% of the weights and run once per step on one row.
+
+Which of the rest are kept in bf16 by default follows the measurement in quant/report.py
+(`measure_exemptions`, numbers in the docstring of DEFAULT_KEEP).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch.nn as nn
+
+from ..engine.errors import ValidationError
+
+# fp32_linear reads these weights directly (engine/model.py): never quantized.
+NEVER_QUANTIZED: tuple[str, ...] = ("time_embedding.*", "time_projection.*", "head.*")
+
+# Named groups of the quantizable linears (fnmatch patterns on module names), used by the policy
+# and by the exemption measurement.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "embeddings": ("text_embedding.*", "img_emb.*", "face_encoder.*"),
+    "face_adapter": ("face_adapter.*",),
+    "self_attn": ("blocks.*.self_attn.*",),
+    "cross_attn_q_o": ("blocks.*.cross_attn.q", "blocks.*.cross_attn.o"),
+    "cross_attn_kv": ("blocks.*.cross_attn.k", "blocks.*.cross_attn.v",
+                      "blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img"),
+    "ffn": ("blocks.*.ffn.*",),
+}
+
+# Default exemptions. Measured with quant/report.py::measure_exemptions (tiny model and the 14B
+# architecture with injected outlier channels, CPU emulation); see that function's output recorded
+# in the module docstring of quant/report.py. The embeddings run once per segment on a few hundred
+# rows and hold 0.4% of the weights, so keeping them costs nothing; the face adapter is kept because
+# its inputs carry the face-motion signal at small magnitude and it is 5% of the weights.
+DEFAULT_KEEP: tuple[str, ...] = GROUPS["embeddings"] + GROUPS["face_adapter"]
+DEFAULT_EDGE_BLOCKS = 0
+
+KERNELS = ("auto", "reference")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """scheme: a registered scheme name (quant/registry.py: fp8, int8, int8_wo, nf4).
+    keep: fnmatch patterns of module names kept in their original dtype.
+    keep_edge_blocks: the first and the last N transformer blocks are kept as well.
+    fast_accum: FP8 only: cuBLASLt's fast accumulation (the torchao default for inference).
+    kernel: "auto" uses the GPU kernels where their guard allows; "reference" always runs the
+        pure-torch path (the exact CPU emulation), to measure the kernels against it.
+    nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64)."""
+    scheme: str = "fp8"
+    keep: tuple[str, ...] = DEFAULT_KEEP
+    keep_edge_blocks: int = DEFAULT_EDGE_BLOCKS
+    fast_accum: bool = True
+    kernel: str = "auto"
+    nf4_blocksize: int = 64
+
+    def __post_init__(self):
+        from .registry import available_schemes
+        if self.scheme not in available_schemes():
+            raise ValidationError(f"unknown quantization scheme {self.scheme!r}; choose one of {available_schemes()}")
+        if self.kernel not in KERNELS:
+            raise ValidationError(f"kernel={self.kernel!r}: choose one of {KERNELS}")
+        if self.keep_edge_blocks < 0:
+            raise ValidationError(f"keep_edge_blocks={self.keep_edge_blocks} must be >= 0")
+        if self.nf4_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValidationError(f"nf4_blocksize={self.nf4_blocksize} must be a power of two in 32..4096")
+        object.__setattr__(self, "keep", tuple(self.keep))
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            data = json.loads(text)
+            return cls(**{**data, "keep": tuple(data.get("keep", ()))})
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValidationError(f"unreadable quantization config {text[:200]!r} ({e})") from None
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _edge_block(name: str, num_layers: int, n: int) -> bool:
+    if n == 0 or not name.startswith("blocks."):
+        return False
+    index = int(name.split(".")[1])
+    return index < n or index >= num_layers - n
+
+
+def is_candidate(name: str, module: nn.Module) -> bool:
+    """An nn.Linear that the model does not read `.weight` from directly."""
+    return isinstance(module, nn.Linear) and not _matches(name, NEVER_QUANTIZED)
+
+
+def select_linears(model: nn.Module, config: QuantConfig,
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list[str]:
+    """Names of the linears `config` quantizes in `model` (torchao-style filter_fn(module, name) narrows it)."""
+    num_layers = len(getattr(model, "blocks", ()))
+    out = []
+    for name, module in model.named_modules():
+        if not is_candidate(name, module) or _matches(name, config.keep):
+            continue
+        if _edge_block(name, num_layers, config.keep_edge_blocks):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        out.append(name)
+    return out
