@@ -69,12 +69,17 @@ def _pick(n: int, size: int, g: torch.Generator, low: float, high: float):
 
 @torch.no_grad()
 def inject_outliers(model: nn.Module, *, channels: int = 8, low: float = 20.0, high: float = 100.0,
-                    seed: int = 0) -> None:
+                    seed: int = 0, compensate: bool = True) -> None:
     """Plant `channels` outlier input channels (x s, s ~ U[low, high]) in the inputs of every block
-    linear that has them in real DiTs, dividing the consuming weight columns by s (see module doc)."""
+    linear that has them in real DiTs. With `compensate` the consuming weight columns are divided by
+    s, so the float function is (nearly) unchanged and the weights get matching small columns (the
+    hard case for weight-only schemes too); without it the weights stay random and the outlier
+    channels dominate the layer outputs."""
     g = torch.Generator().manual_seed(seed)
 
     def scale_cols(linears, idx, s):
+        if not compensate:
+            return
         for lin in linears:
             lin.weight[:, idx.to(lin.weight.device)] /= s.to(lin.weight)
 
