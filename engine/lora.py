@@ -46,7 +46,7 @@ class LowRank:
     down: torch.Tensor                    # A [r, in]
     up: torch.Tensor                      # B [out, r]
     alpha: float | None = None
-    rows: slice | None = None             # the rows of the target it updates (face-adapter K/V halves)
+    rows: int | None = None               # 0 / 1: only the first / second half of the rows (face-adapter K/V)
 
     @property
     def scale(self) -> float:
@@ -60,7 +60,7 @@ class LowRank:
 class LoraPatch:
     """LoRA deltas keyed by the model parameter they change (`blocks.0.self_attn.q.weight`)."""
     low_rank: dict[str, list[LowRank]] = field(default_factory=dict)
-    dense: dict[str, list[tuple[torch.Tensor, slice | None]]] = field(default_factory=dict)
+    dense: dict[str, list[tuple[torch.Tensor, int | None]]] = field(default_factory=dict)
     scale: float = 1.0
 
     def targets(self) -> set[str]:
@@ -71,14 +71,19 @@ class LoraPatch:
         if param not in self.low_rank and param not in self.dense:
             return None
         out = torch.zeros(shape, dtype=torch.float32)
+        half = shape[0] // 2
+
+        def part(rows):
+            return out if rows is None else out[rows * half: (rows + 1) * half]
+
         for lr in self.low_rank.get(param, ()):
             d = lr.delta()
-            target = out[lr.rows] if lr.rows is not None else out
+            target = part(lr.rows)
             if d.shape != target.shape:
                 raise CheckpointError(f"LoRA for {param}: B @ A is {list(d.shape)}, the weight is {list(target.shape)}")
             target += d
         for t, rows in self.dense.get(param, ()):
-            target = out[rows] if rows is not None else out
+            target = part(rows)
             if t.numel() != target.numel():
                 raise CheckpointError(f"LoRA diff for {param}: {list(t.shape)} does not fit {list(target.shape)}")
             target += t.float().reshape(target.shape)
@@ -128,9 +133,6 @@ def _resolver(param_names: Iterable[str], cfg=None):
     params = set(param_names)
     modules = {p.rsplit(".", 1)[0] for p in params if "." in p}
     underscored = {m.replace(".", "_"): m for m in modules}
-    dim = None
-    if cfg is not None:
-        dim = cfg.dim
 
     def resolve(module: str):
         if module in modules or f"{module}.modulation" in params:
@@ -142,8 +144,8 @@ def _resolver(param_names: Iterable[str], cfg=None):
         official = diffusers_key_to_official(f"{module}.weight", n_res)
         if official is not None and official.endswith(".weight"):
             name = official[: -len(".weight")]
-            if name.endswith(".linear1_kv") and dim is not None:
-                return name, slice(0, dim) if module.endswith(".to_k") else slice(dim, 2 * dim)
+            if name.endswith(".linear1_kv"):
+                return name, 0 if module.endswith(".to_k") else 1
             if name in modules:
                 return name, None
         return None
@@ -154,7 +156,8 @@ def _resolver(param_names: Iterable[str], cfg=None):
 def parse_lora(state: Mapping[str, torch.Tensor], param_names: Iterable[str], cfg=None,
                scale: float = 1.0) -> LoraPatch:
     """Group a LoRA state dict by the model parameter each key changes. `param_names`: the model's
-    state-dict keys (official names); `cfg`: the DiTConfig (for diffusers face-adapter keys)."""
+    state-dict keys (official names); `cfg`: the DiTConfig (the motion-encoder depth of diffusers
+    names; 14B's when None)."""
     resolve, params = _resolver(param_names, cfg)
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
