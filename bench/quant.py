@@ -33,7 +33,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -308,26 +307,12 @@ def make_inputs(b: Bench, cfg, size: str) -> dict:
 
 
 def build_random_dit(b: Bench, cfg, seed: int = 0):
-    """The DiT in bf16 on the device with seeded random weights: fan-in scaled normal matrices, ones
-    for norm weights, small biases and modulation; the same weights every call (per-tensor seeds)."""
-    torch = b.torch
-    from wanimate.engine.loader import build_dit, constant_buffers
-    from wanimate.quant.report import inject_outliers
-    model = build_dit(cfg).to(torch.bfloat16).to_empty(device=b.device)     # meta -> device, no host copy
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            g = torch.Generator(device=b.device).manual_seed(seed * 1_000_003 + i)
-            if p.dim() >= 2:
-                p.normal_(0, 1 / math.sqrt(math.prod(p.shape[1:])), generator=g)
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.05, generator=g)
-        buffers = dict(model.named_buffers())
-        for name, value in constant_buffers(model).items():
-            buffers[name].copy_(value)
+    """The DiT in bf16 on the device with seeded random weights (the same every call) and outlier
+    channels (quant/report.py random_dit, inject_outliers)."""
+    from wanimate.quant.report import inject_outliers, random_dit
+    model = random_dit(cfg, seed=seed, device=b.device)
     inject_outliers(model, seed=seed)
-    return model.eval().requires_grad_(False)
+    return model
 
 
 def bench_dit(b: Bench, sizes, schemes):

@@ -43,7 +43,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 # in the module docstring of quant/report.py. The embeddings run once per segment on a few hundred
 # rows and hold 0.4% of the weights, so keeping them costs nothing; the face adapter is kept because
 # its inputs carry the face-motion signal at small magnitude and it is 5% of the weights.
-DEFAULT_KEEP: tuple[str, ...] = GROUPS["embeddings"] + GROUPS["face_adapter"]
+DEFAULT_KEEP: tuple[str, ...] = GROUPS["embeddings"]
 DEFAULT_EDGE_BLOCKS = 0
 
 KERNELS = ("auto", "reference")

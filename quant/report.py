@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .api import _set_module
 from .config import GROUPS, QuantConfig, select_linears
-from .registry import QuantLinear, get_scheme
+from .registry import get_scheme
 
 
 def rel_l2(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -60,6 +60,27 @@ def dit_inputs(cfg, *, seed: int = 0, frames: int = 2, hw: tuple[int, int] = (16
         idx, s = _pick(outlier_channels, x[key].shape[-1], g, 20.0, 100.0)
         x[key][..., idx] *= s
     return {k: v.to(device) for k, v in x.items()}
+
+
+@torch.no_grad()
+def random_dit(cfg, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu") -> nn.Module:
+    """A DiT with seeded random weights built in place (meta -> to_empty, no float32 copy): fan-in
+    scaled normal matrices, ones for norm weights, 0.05-scale biases and modulation. For measuring
+    the 14B architecture without its checkpoint (as in bench/quant_accuracy.py and bench/quant.py)."""
+    from ..engine.loader import build_dit, constant_buffers
+    model = build_dit(cfg).to(dtype).to_empty(device=device)
+    for i, (name, p) in enumerate(model.named_parameters()):
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+        if p.dim() >= 2:
+            p.normal_(0, 1 / math.sqrt(math.prod(p.shape[1:])), generator=g)
+        elif "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.05, generator=g)
+    buffers = dict(model.named_buffers())
+    for name, value in constant_buffers(model).items():
+        buffers[name].copy_(value)
+    return model.eval().requires_grad_(False)
 
 
 def _pick(n: int, size: int, g: torch.Generator, low: float, high: float):
@@ -259,4 +280,4 @@ def _only(patterns):
 
 
 __all__ = ["AccuracyReport", "QuantError", "accuracy_report", "dit_inputs", "dit_runner", "inject_outliers",
-           "measure_exemptions", "quantization_error", "rel_l2", "summarize_layers", "QuantLinear"]
+           "measure_exemptions", "quantization_error", "random_dit", "rel_l2", "summarize_layers"]
