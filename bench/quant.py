@@ -2,6 +2,7 @@
 
     python bench/quant.py [--out FILE] [--sizes 480p,720p] [--schemes bf16,fp8,int8_wo,int8,nf4]
                           [--parts checks,gemm,dit] [--reps 3] [--reps-720p 2]
+                          [--with-kernels]
     python bench/quant.py --smoke            # CPU, toy sizes: the same code path end to end
 
 Parts (every row catches OOM and other errors, records them, frees memory and goes on; the JSON is
@@ -308,10 +309,18 @@ def make_inputs(b: Bench, cfg, size: str) -> dict:
 
 def build_random_dit(b: Bench, cfg, seed: int = 0):
     """The DiT in bf16 on the device with seeded random weights (the same every call) and outlier
-    channels (quant/report.py random_dit, inject_outliers)."""
+    channels (quant/report.py random_dit, inject_outliers). With --with-kernels, the fused norm /
+    RoPE / residual kernels (engine/transforms.py use_kernels, issue 5) when that module exists."""
     from wanimate.quant.report import inject_outliers, random_dit
     model = random_dit(cfg, seed=seed, device=b.device)
     inject_outliers(model, seed=seed)
+    if b.args.with_kernels:
+        try:
+            from wanimate.engine.transforms import use_kernels
+        except ImportError:
+            b.results["env"]["with_kernels"] = "engine/transforms.py use_kernels not in this tree: rows run without"
+        else:
+            b.results["env"]["with_kernels"] = bool(use_kernels(model, on=True))
     return model
 
 
@@ -424,6 +433,8 @@ def main(argv=None):
     ap.add_argument("--parts", default="checks,gemm,dit")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reps-720p", type=int, default=2)
+    ap.add_argument("--with-kernels", action="store_true",
+                    help="DiT rows with the fused norm/RoPE kernels of engine/transforms.py (if present), every scheme alike")
     args = ap.parse_args(argv)
     _import_wanimate()
     b = Bench(args)
