@@ -14,35 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
 from wanimate.engine.config import DiTConfig, preset
-from wanimate.engine.loader import build_dit, recipe_dit
-from wanimate.quant.report import accuracy_report, dit_inputs, inject_outliers, measure_exemptions
-
-
-def random_14b(num_layers: int = 5, seed: int = 0) -> torch.nn.Module:
-    """The 14B architecture with `num_layers` blocks, random bf16 weights (fan-in scaled normal,
-    norm weights 1, biases and modulation small), built on meta and filled tensor by tensor."""
-    cfg = DiTConfig(num_layers=num_layers)
-    model = build_dit(cfg).to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(math.prod(p.shape[1:])))
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith(".kernel"):
-                k = torch.tensor([1.0, 3.0, 3.0, 1.0])
-                b.copy_(torch.outer(k, k) / 64.0)
-    return model.to(torch.bfloat16).eval().requires_grad_(False)
+from wanimate.engine.loader import recipe_dit
+from wanimate.quant.report import accuracy_report, dit_inputs, inject_outliers, measure_exemptions, random_dit
 
 
 def measure(label, make_model, hw, schemes, exemption_schemes, results, outlier_modes=("none", "compensated", "uncompensated")):
@@ -76,7 +54,7 @@ def main(argv=None):
                 ("fp8", "int8", "int8_wo", "nf4"), ("fp8", "int8", "int8_wo", "nf4"), results)
         json.dump(results, open(args.out, "w"), indent=1)
         if not args.skip_14b:
-            measure("14b-arch-5-blocks", random_14b, tuple(args.tokens_hw), ("fp8", "int8", "int8_wo", "nf4"),
+            measure("14b-arch-5-blocks", lambda: random_dit(DiTConfig(num_layers=5)), tuple(args.tokens_hw), ("fp8", "int8", "int8_wo", "nf4"),
                     ("fp8", "int8_wo"), results, outlier_modes=("compensated", "uncompensated"))
             json.dump(results, open(args.out, "w"), indent=1)
     print("wrote", args.out)

@@ -243,6 +243,39 @@ def accuracy_report(model: nn.Module, schemes: list[str] | tuple[str, ...] = ("f
     return AccuracyReport("\n".join(lines), data)
 
 
+def checkpoint_accuracy_report(ckpt_dir, schemes=("fp8", "int8", "int8_wo", "nf4"), *, device="cpu",
+                               hw: tuple[int, int] = (16, 16), config: QuantConfig | None = None) -> AccuracyReport:
+    """`wanimate quantize --report`: the errors of each scheme on a real checkpoint (bf16 on `device`;
+    on the CPU every scheme runs its exact emulation), at a reduced token count."""
+    from ..engine.loader import load_dit
+    model = load_dit(ckpt_dir, dtype=torch.bfloat16, device=device)
+    inputs = dit_inputs(model.cfg, hw=hw, device=device)
+    return accuracy_report(model, schemes, inputs=inputs, config=config, label=str(ckpt_dir))
+
+
+def reference_accuracy_report(which: str = "tiny", schemes=("fp8", "int8", "int8_wo", "nf4"), *,
+                              outliers: str = "compensated", num_layers: int = 5,
+                              hw: tuple[int, int] | None = None) -> AccuracyReport:
+    """The errors without a checkpoint: `which` = "tiny" (recipe weights) or "14b-arch" (the 14B
+    architecture cut to `num_layers` blocks, random weights); outliers "none", "compensated" or
+    "uncompensated" (inject_outliers). CPU, bf16 reference, exact emulation of every scheme."""
+    from ..engine.config import DiTConfig, preset
+    from ..engine.loader import recipe_dit
+    if which == "tiny":
+        cfg = preset("tiny").dit
+        model, hw = recipe_dit(cfg, 1234, dtype=torch.bfloat16), hw or (8, 8)
+    elif which == "14b-arch":
+        cfg = DiTConfig(num_layers=num_layers)
+        model, hw = random_dit(cfg), hw or (16, 16)
+    else:
+        from ..engine.errors import ValidationError
+        raise ValidationError(f"which={which!r}: choose 'tiny' or '14b-arch'")
+    if outliers != "none":
+        inject_outliers(model, compensate=outliers == "compensated")
+    inputs = dit_inputs(cfg, hw=hw, outlier_channels=0 if outliers == "none" else 8)
+    return accuracy_report(model, schemes, inputs=inputs, label=f"{which} outliers={outliers}")
+
+
 def measure_exemptions(model: nn.Module, schemes: tuple[str, ...] = ("fp8", "int8"), *,
                        inputs: dict[str, torch.Tensor] | None = None, label: str = "") -> AccuracyReport:
     """Which exemptions matter: the output error with everything quantized, with only one group
@@ -279,5 +312,6 @@ def _only(patterns):
     return lambda module, name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-__all__ = ["AccuracyReport", "QuantError", "accuracy_report", "dit_inputs", "dit_runner", "inject_outliers",
+__all__ = ["AccuracyReport", "QuantError", "accuracy_report", "checkpoint_accuracy_report", "dit_inputs",
+           "reference_accuracy_report", "dit_runner", "inject_outliers",
            "measure_exemptions", "quantization_error", "random_dit", "rel_l2", "summarize_layers"]
