@@ -441,9 +441,7 @@ def main(argv=None):
     torch = b.torch
     if b.cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
-    if b.cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    else:
+    if not b.cuda:
         args.reps, args.reps_720p = 1, 1
     sizes = [s for s in args.sizes.split(",") if s]
     schemes = [s for s in args.schemes.split(",") if s]
