@@ -28,7 +28,6 @@ def quantize_(model: nn.Module, config: QuantConfig,
     """Quantize the selected nn.Linear modules of a built model in place, one at a time (the float
     weight of each is freed as soon as its replacement exists, so the peak is one layer over the
     quantized size). Returns the names of the swapped modules."""
-    cls = get_scheme(config.scheme)
     names = select_linears(model, config, filter_fn)
     with torch.no_grad():
         for name in names:
@@ -36,7 +35,7 @@ def quantize_(model: nn.Module, config: QuantConfig,
             if linear.weight.is_meta:
                 raise ValidationError(f"{name}: the weights are on the meta device; load them first, or use "
                                       "convert_for_runtime to build empty quantized modules")
-            _set_module(model, name, cls.from_linear(linear, config))
+            _set_module(model, name, get_scheme(config.scheme_for(name)).from_linear(linear, config))
     return names
 
 
@@ -45,12 +44,12 @@ def convert_for_runtime(model: nn.Module, config: QuantConfig, names: list[str] 
     """Swap the selected (or the given) nn.Linear modules for empty quantized ones on `device`,
     for a loader that assigns the stored tensors afterwards. Bias dtype: bf16 (what quantize
     checkpoints store)."""
-    cls = get_scheme(config.scheme)
     names = select_linears(model, config) if names is None else list(names)
     for name in names:
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValidationError(f"{name} is a {type(linear).__name__}, not an nn.Linear; cannot quantize it")
+        cls = get_scheme(config.scheme_for(name))
         _set_module(model, name, cls(linear.in_features, linear.out_features, linear.bias is not None, config,
                                      device=device))
     return names
@@ -61,15 +60,15 @@ def create_quantized_state_dict(state: dict[str, torch.Tensor], config: QuantCon
     """A float state dict -> the quantized one: `<name>.weight` of every linear in `names` becomes
     the scheme's stored tensors (`<name>.weight`, `<name>.weight_scale`, ...); every other floating
     tensor is cast to `float_dtype` (None keeps it)."""
-    cls = get_scheme(config.scheme)
-    targets = {f"{n}.weight" for n in names}
-    missing = targets - set(state)
+    targets = {f"{n}.weight": n for n in names}
+    missing = set(targets) - set(state)
     if missing:
         raise ValidationError(f"state dict lacks the weights of {sorted(missing)}")
     out = {}
     for key, t in state.items():
         if key in targets:
             prefix = key[: -len("weight")]
+            cls = get_scheme(config.scheme_for(targets[key]))
             out.update({prefix + k: v for k, v in cls.quantize(t, config).items()})
         elif float_dtype is not None and t.is_floating_point():
             out[key] = t.to(float_dtype)

@@ -182,7 +182,6 @@ def quantize_checkpoint(ckpt_dir: Path, scheme: str, out_dir: Path, *, config: Q
     validate_dit_files(ck, model)
     names = select_linears(model, config)
     targets = {f"{n}.weight": n for n in names}
-    cls = get_scheme(scheme)
     patch = _collect_loras(loras, model.state_dict().keys(), ck.config) if loras else None
     merged: set[str] = set()
     manifest = read_manifest(Path(ckpt_dir)) or {}
@@ -208,7 +207,7 @@ def quantize_checkpoint(ckpt_dir: Path, scheme: str, out_dir: Path, *, config: Q
                     merged.add(name)
                 if name in targets:
                     prefix = name[: -len("weight")]
-                    for k, v in cls.quantize(t, config).items():
+                    for k, v in get_scheme(config.scheme_for(targets[name])).quantize(t, config).items():
                         writer.add(prefix + k, v)
                 elif t.is_floating_point():
                     writer.add(name, t.to(float_dtype))
@@ -221,6 +220,7 @@ def quantize_checkpoint(ckpt_dir: Path, scheme: str, out_dir: Path, *, config: Q
         files = writer.finish()
         index = {"format": FORMAT, "scheme": scheme, "quant_config": json.loads(config.to_json()),
                  "dit_config": json.loads(_dit_config_json(ck.config)), "quantized_modules": names,
+                 "module_schemes": {n: config.scheme_for(n) for n in names},
                  "source": {"directory": str(Path(ckpt_dir).resolve()), "layout": ck.layout},
                  "loras_merged": len(loras), "weight_map": writer.weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
@@ -262,6 +262,10 @@ def read_quantized_index(directory: Path) -> QuantizedCheckpoint:
         config = QuantConfig.from_json(json.dumps(index["quant_config"]))
         dit_config = _dit_config_from_json(json.dumps(index["dit_config"]))
         files = sorted({directory / f for f in index["weight_map"].values()})
+        recorded = index.get("module_schemes", {})
+        wrong = [n for n, s in recorded.items() if config.scheme_for(n) != s]
+        if wrong:
+            raise CheckpointError(f"{path}: module_schemes disagree with the recorded QuantConfig for {wrong[:5]}")
         return QuantizedCheckpoint(directory, index["scheme"], config, dit_config, list(index["quantized_modules"]), files)
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable index ({e}); re-run `wanimate quantize`") from None

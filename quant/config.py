@@ -46,6 +46,16 @@ GROUPS: dict[str, tuple[str, ...]] = {
 DEFAULT_KEEP: tuple[str, ...] = GROUPS["embeddings"]
 DEFAULT_EDGE_BLOCKS = 0
 
+# Per-layer scheme overrides for the activation-quantizing schemes (fp8, int8): layers whose inputs
+# need no per-token quantization for speed get int8 weight-only instead, at the same 1 byte/weight.
+# - cross-attention k, v, k_img, v_img: run once per segment in prepare() on the 769 context rows,
+#   448 of which are the identical zero-padded text rows (their quantization error is coherent, it
+#   does not average out): measured the most sensitive group after cross q/o (report.py numbers).
+# - the face adapter: linear1_kv sees 5 motion tokens per frame; q/linear2 are 2.6% of the GEMM FLOPs.
+ACTIVATION_SCHEMES = ("fp8", "int8")
+DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
+    (p, "int8_wo") for p in GROUPS["cross_attn_kv"] + GROUPS["face_adapter"])
+
 KERNELS = ("auto", "reference")
 
 
@@ -54,6 +64,8 @@ class QuantConfig:
     """scheme: a registered scheme name (quant/registry.py: fp8, int8, int8_wo, nf4).
     keep: fnmatch patterns of module names kept in their original dtype.
     keep_edge_blocks: the first and the last N transformer blocks are kept as well.
+    overrides: (fnmatch pattern, scheme) pairs, first match wins: that layer uses that scheme instead.
+        None = DEFAULT_OVERRIDES for fp8/int8 and none for the weight-only schemes.
     fast_accum: FP8 only: cuBLASLt's fast accumulation (the torchao default for inference).
     kernel: "auto" uses the GPU kernels where their guard allows; "reference" always runs the
         pure-torch path (the exact CPU emulation), to measure the kernels against it.
@@ -61,6 +73,7 @@ class QuantConfig:
     scheme: str = "fp8"
     keep: tuple[str, ...] = DEFAULT_KEEP
     keep_edge_blocks: int = DEFAULT_EDGE_BLOCKS
+    overrides: tuple[tuple[str, str], ...] | None = None
     fast_accum: bool = True
     kernel: str = "auto"
     nf4_blocksize: int = 64
@@ -76,8 +89,26 @@ class QuantConfig:
         if self.nf4_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ValidationError(f"nf4_blocksize={self.nf4_blocksize} must be a power of two in 32..4096")
         object.__setattr__(self, "keep", tuple(self.keep))
+        overrides = self.overrides
+        if overrides is None:
+            overrides = DEFAULT_OVERRIDES if self.scheme in ACTIVATION_SCHEMES else ()
+        overrides = tuple((str(p), str(s)) for p, s in overrides)
+        for _, s in overrides:
+            if s not in available_schemes():
+                raise ValidationError(f"override scheme {s!r} is not registered; choose one of {available_schemes()}")
+        object.__setattr__(self, "overrides", overrides)
+
+    def scheme_for(self, name: str) -> str:
+        """The scheme of one layer: the first matching override, else `scheme`."""
+        return next((s for p, s in self.overrides if fnmatch.fnmatchcase(name, p)), self.scheme)
 
     def replace(self, **changes) -> "QuantConfig":
+        """dataclasses.replace; a new scheme also gets its own default overrides when the current
+        ones are the old scheme's defaults (so fp8 -> nf4 does not keep fp8's int8_wo layers)."""
+        if "scheme" in changes and "overrides" not in changes:
+            old_default = DEFAULT_OVERRIDES if self.scheme in ACTIVATION_SCHEMES else ()
+            if self.overrides == old_default:
+                changes["overrides"] = None
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
@@ -87,7 +118,9 @@ class QuantConfig:
     def from_json(cls, text: str) -> "QuantConfig":
         try:
             data = json.loads(text)
-            return cls(**{**data, "keep": tuple(data.get("keep", ()))})
+            overrides = data.get("overrides")
+            return cls(**{**data, "keep": tuple(data.get("keep", ())),
+                          "overrides": None if overrides is None else tuple(tuple(o) for o in overrides)})
         except (json.JSONDecodeError, TypeError) as e:
             raise ValidationError(f"unreadable quantization config {text[:200]!r} ({e})") from None
 

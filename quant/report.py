@@ -164,14 +164,13 @@ def quantization_error(model: nn.Module, config: QuantConfig, run: Callable[[nn.
     float model's (or with `reference`). The float modules are restored before returning."""
     t0 = time.perf_counter()
     ref = run(model) if reference is None else reference
-    cls = get_scheme(config.scheme)
     names = select_linears(model, config) if names is None else names
     originals = {n: model.get_submodule(n) for n in names}
     layer_err: dict[str, list[float]] = {}
     hooks = []
     try:
         for n, lin in originals.items():
-            q = cls.from_linear(lin, config)
+            q = get_scheme(config.scheme_for(n)).from_linear(lin, config)
             if per_layer:
                 def hook(mod, args, out, lin=lin, n=n):
                     want = F.linear(args[0], lin.weight, lin.bias)
@@ -284,10 +283,11 @@ def measure_exemptions(model: nn.Module, schemes: tuple[str, ...] = ("fp8", "int
     inputs = inputs if inputs is not None else dit_inputs(model.cfg, device=next(model.parameters()).device)
     run = dit_runner(inputs)
     ref = run(model)
-    everything = QuantConfig("fp8", keep=())
+    everything = QuantConfig("fp8", keep=(), overrides=())
     variants: dict[str, tuple[QuantConfig, Callable | None]] = {"all": (everything, None)}
     for g, patterns in GROUPS.items():
         variants[f"only {g}"] = (everything, _only(patterns))
+    variants["keep embeddings, no overrides"] = (QuantConfig("fp8", overrides=()), None)
     variants["default policy"] = (QuantConfig("fp8"), None)
     variants["all but first+last block"] = (everything.replace(keep_edge_blocks=1), None)
     variants["default + first+last block"] = (QuantConfig("fp8", keep_edge_blocks=1), None)

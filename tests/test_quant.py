@@ -207,6 +207,15 @@ def test_config_validation_and_json_roundtrip():
         QuantConfig("fp8", kernel="fast")
     cfg = QuantConfig("int8", keep=("a.*",), keep_edge_blocks=2)
     assert QuantConfig.from_json(cfg.to_json()) == cfg
+    # overrides: activation-quantizing schemes put the context projections and the face adapter on
+    # int8 weight-only; weight-only schemes have none; a scheme change takes the new default
+    fp8 = QuantConfig("fp8")
+    assert fp8.scheme_for("blocks.7.cross_attn.v_img") == "int8_wo" and fp8.scheme_for("blocks.7.cross_attn.q") == "fp8"
+    assert fp8.scheme_for("face_adapter.fuser_blocks.2.linear1_kv") == "int8_wo"
+    assert QuantConfig("nf4").overrides == () and fp8.replace(scheme="nf4").overrides == ()
+    assert QuantConfig("fp8", overrides=()).scheme_for("blocks.0.cross_attn.k") == "fp8"
+    with pytest.raises(ValidationError, match="override scheme"):
+        QuantConfig("fp8", overrides=(("blocks.*", "int4"),))
     assert set(available_schemes()) >= {"fp8", "int8", "int8_wo", "nf4"}
 
 

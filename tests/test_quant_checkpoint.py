@@ -54,6 +54,9 @@ def test_quantized_checkpoint_loads_to_the_in_memory_quantization(tmp_path, sche
     quantize_(ref, QuantConfig(scheme))
     _same_state(loaded, ref)
     assert type(loaded.blocks[0].ffn[0]) is type(ref.blocks[0].ffn[0])
+    assert type(loaded.blocks[0].cross_attn.k) is type(ref.blocks[0].cross_attn.k)     # per-layer overrides
+    schemes = json.loads((tmp_path / "q" / INDEX_NAME).read_text())["module_schemes"]
+    assert schemes["blocks.0.cross_attn.k"] == ("int8_wo" if scheme in ("fp8", "int8") else scheme)
     if scheme == "fp8":                     # same modules + same tensors: one forward check suffices
         x = dit_inputs(CFG, hw=(4, 4), text_rows=3)
         with torch.no_grad():
@@ -118,6 +121,10 @@ def test_mixed_runs_and_wrong_dtypes_are_refused(tmp_path):
     index = json.loads((tmp_path / "a" / INDEX_NAME).read_text())
     index["scheme"] = "int8"
     index["quant_config"]["scheme"] = "int8"
+    (tmp_path / "a" / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="module_schemes disagree"):
+        load_quantized_dit(tmp_path / "a")
+    del index["module_schemes"]
     (tmp_path / "a" / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="mixes two runs"):
         load_quantized_dit(tmp_path / "a")
