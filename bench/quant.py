@@ -267,8 +267,8 @@ def bench_gemm(b: Bench, sizes, schemes):
                 if scheme == "int8" and b.cuda:
                     xq8, _ = quantize_activations(x, int8=True)
                     row("int8 bare _int_mm (int32 out)", lambda: torch._int_mm(xq8, mod.weight.t()), "int8")
-                del mod
-            del x, lin
+                mod = None
+            x = lin = None           # free before the next shape (the row lambdas have run)
             b.free()
 
 
@@ -373,9 +373,9 @@ def bench_dit(b: Bench, sizes, schemes):
                     res["rel_l2_vs_bf16"] = rel_l2(out["v"].float().cpu(), refs[size])
                 return res
             b.guarded("dit", {"scheme": scheme, "what": "denoise", "size": size}, measure)
-            del x
+            x = None
             b.free()
-        del model
+        model = None
         state.clear()
         b.free()
 

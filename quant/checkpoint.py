@@ -335,7 +335,7 @@ def load_quantized_dit(directory: Path, device: torch.device | str = "cpu", *, d
             if key not in seen:
                 _assign(model, key, value.to(device=device, dtype=dtype))
     except BaseException:
-        del model
+        model = None            # nothing half-loaded survives
         raise
     return model.eval().requires_grad_(False)
 

@@ -16,7 +16,7 @@ from wanimate.engine.config import DiTConfig
 from wanimate.engine.errors import CheckpointError
 from wanimate.engine.loader import diffusers_config, load_dit_state_dict, official_to_diffusers, recipe_dit
 from wanimate.engine.lora import merge_lora
-from wanimate.engine.safetensors_io import read_header, save_file, read_tensors
+from wanimate.engine.safetensors_io import read_header, save_file
 from wanimate.quant import QuantConfig, quantize_
 from wanimate.quant.checkpoint import (INDEX_NAME, is_quantized_dir, load_quantized_dit, quantize_checkpoint,
                                        stream_file)
