@@ -1,0 +1,466 @@
+"""FP8 / INT8 / NF4 quantization of the 14B DiT, measured in one run on one GPU (issue 7).
+
+    python bench/quant.py [--out FILE] [--sizes 480p,720p] [--schemes bf16,fp8,int8_wo,int8,nf4]
+                          [--parts checks,gemm,dit] [--reps 3] [--reps-720p 2]
+                          [--with-kernels]
+    python bench/quant.py --smoke            # CPU, toy sizes: the same code path end to end
+
+Parts (every row catches OOM and other errors, records them, frees memory and goes on; the JSON is
+rewritten after each row, so a timeout keeps what was measured):
+1. checks: the Triton activation quantizer and INT8 epilogue against their torch references on
+   this GPU (bit-exact expected), and the FP8 module (torch._scaled_mm) against the exact
+   emulation (rel L2; fast accumulation on and off).
+2. gemm: tokens x 5120 -> 5120 and -> 13824 (and 13824 -> 5120, the FFN down-projection) at
+   32,760 (480p) and 75,600 (720p) tokens: bf16 F.linear; each scheme's module forward (activation
+   quantization included); the bare FP8/INT8 GEMMs (pre-quantized inputs); FP8 with the eager-torch
+   activation quantizer instead of the kernel; FP8 without fast accumulation. TFLOP/s and % of the
+   H200 ceilings measured for DESIGN.md (bf16 792, FP8 1450, INT8 913).
+3. dit: per scheme, the 14B DiT with random bf16 weights built on the GPU (meta -> to_empty ->
+   seeded normal_, as shared/baselines/bench_diffusers.py), outlier channels injected
+   (quant/report.py inject_outliers, compensated), quantized on the GPU with quantize_ (default
+   policy); then prepare() once and denoise() timed (the per-step cost; the face encoder and the
+   cross-attention keys/values are per segment), the full forward once, peak memory, DiT weight
+   bytes, and the denoise output's rel L2 against the bf16 output of the same weights and inputs.
+   bf16 runs first; its output is the reference. One model at a time (14B bf16 = 34.5 GB).
+
+Targets (issue 7): FP8 denoise >= 1.25x faster than bf16 at 480p; FP8 DiT weights <= 18 GB;
+DiT output rel L2 vs bf16 <= 3% (with outliers). Expect about 4-5 minutes on an H100 for
+everything (the 720p rows are 60% of it; --sizes 480p halves the run).
+Timing: CUDA events after warm-up, median of repeats (perf_counter on the CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def _import_wanimate():
+    """Make the repository root importable as `wanimate` when this file is run as a script."""
+    try:
+        import wanimate  # noqa: F401
+    except ImportError:
+        root = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location("wanimate", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["wanimate"] = module
+        spec.loader.exec_module(module)
+
+
+SIZES = {"480p": (832, 480), "720p": (1280, 720)}
+FRAMES = 77
+# H200 ceilings measured for shared/DESIGN.md (dense TFLOP/s or TOP/s); H100 SXM has the same compute.
+CEILING = {"bf16": 792.0, "fp8": 1450.0, "int8": 913.0}
+TARGETS = {"fp8_speedup_480p": 1.25, "fp8_weight_gb": 18.0, "output_rel_l2": 0.03}
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and bookkeeping
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+        self.torch = torch
+        self.args = args
+        self.device = "cpu" if args.smoke else "cuda"
+        self.cuda = self.device == "cuda"
+        self.results = {"env": {}, "checks": [], "gemm": [], "dit": [], "summary": {}}
+        self.out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "bench_quant.json"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def time(self, fn, *, warmup: int, reps: int) -> tuple[float, float]:
+        """(median seconds, first-call seconds); the first call is the first warm-up."""
+        torch = self.torch
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        first = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+        return statistics.median(times), first
+
+    def free(self):
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
+    def guarded(self, section: str, row: dict, fn):
+        """Run one row; OOM and other errors are recorded in the row, memory freed, the run goes on."""
+        torch = self.torch
+        try:
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            row.update(fn() or {})
+            if self.cuda:
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        except torch.cuda.OutOfMemoryError as e:
+            row["error"] = f"OOM: {str(e).splitlines()[0]}"
+        except Exception as e:  # a failing row must not lose the others
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["traceback"] = traceback.format_exc(limit=6)
+        self.free()
+        self.results[section].append(row)
+        self.save()
+        print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "traceback"), flush=True)
+        return row
+
+    def save(self):
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=1))
+
+
+def environment(b: Bench) -> dict:
+    torch = b.torch
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": b.device, "smoke": b.args.smoke}
+    for name in ("triton", "bitsandbytes"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:
+            env[name] = None
+    if b.cuda:
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, sm_count=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, capability=".".join(map(str, torch.cuda.get_device_capability())))
+    return env
+
+
+def rel_l2(a, ref) -> float:
+    a, ref = a.float(), ref.float()
+    return float(f"{((a - ref).norm() / ref.norm()).item():.4e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 1: correctness on this device
+
+
+def bench_checks(b: Bench):
+    torch = b.torch
+    from wanimate.quant import QuantConfig, get_scheme
+    from wanimate.quant.act import int8_epilogue, int8_epilogue_ref, per_token_quant_ref, quantize_activations
+    from wanimate.quant.fp8 import fp8_linear_ref
+    dev = b.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    m, k, n = (4096, 5120, 5120) if b.cuda else (64, 128, 96)
+    x = (torch.randn(m, k, device=dev, generator=g) * torch.logspace(-3, 2, m, device=dev)[:, None]).to(torch.bfloat16)
+
+    for int8 in (False, True):
+        def check(int8=int8):
+            from wanimate.quant.act import _triton_available
+            kernel = False
+            if _triton_available():
+                from wanimate.kernels import quant_act
+                kernel = quant_act.kernel_ok(x)
+            q, s = quantize_activations(x, int8)
+            qr, sr = per_token_quant_ref(x, int8)
+            bits = (lambda t: t.view(torch.uint8)) if not int8 else (lambda t: t)
+            return {"kernel_used": kernel, "mismatched_values": int((bits(q) != bits(qr)).sum()),
+                    "scales_equal": bool(torch.equal(s, sr))}
+        b.guarded("checks", {"check": f"per-token quant {'int8' if int8 else 'fp8'}: kernel vs reference"}, check)
+
+    def epilogue():
+        acc = torch.randint(-2**24, 2**24, (m, n), device=dev, dtype=torch.int32, generator=g)
+        sa, sb = torch.rand(m, 1, device=dev, generator=g), torch.rand(n, device=dev, generator=g)
+        bias = torch.randn(n, device=dev, generator=g).to(torch.bfloat16)
+        got, want = int8_epilogue(acc, sa, sb, bias, torch.bfloat16), int8_epilogue_ref(acc, sa, sb, bias, torch.bfloat16)
+        return {"mismatched_values": int((got != want).sum())}
+    b.guarded("checks", {"check": "int8 epilogue: kernel vs reference"}, epilogue)
+
+    lin = torch.nn.Linear(k, n, device=dev, dtype=torch.bfloat16)
+    for fast in (True, False):
+        def fp8(fast=fast):
+            mod = get_scheme("fp8").from_linear(lin, QuantConfig("fp8", fast_accum=fast))
+            with torch.no_grad():
+                got = mod(x)
+                emu = fp8_linear_ref(x, mod.weight, mod.weight_scale, mod.bias, torch.bfloat16)
+                flt = lin(x)
+            return {"used_scaled_mm": bool(mod.gemm_ok(x)), "rel_l2_vs_emulation": rel_l2(got, emu),
+                    "rel_l2_vs_bf16": rel_l2(got, flt), "emulation_rel_l2_vs_bf16": rel_l2(emu, flt)}
+        b.guarded("checks", {"check": f"fp8 module vs emulation (fast_accum={fast})"}, fp8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 2: GEMMs at Wan shapes
+
+
+def tokens_for(size: str) -> int:
+    width, height = SIZES[size]
+    return ((FRAMES - 1) // 4 + 2) * (height // 16) * (width // 16)
+
+
+def bench_gemm(b: Bench, sizes, schemes):
+    torch = b.torch
+    import torch.nn.functional as F
+    from wanimate.quant import QuantConfig, get_scheme
+    from wanimate.quant.act import per_token_quant_ref, quantize_activations
+    dev, bf16 = b.device, torch.bfloat16
+    shapes = [(5120, 5120), (5120, 13824), (13824, 5120)] if b.cuda else [(128, 256)]
+    warmup, reps = (3, 10) if b.cuda else (1, 1)
+    for size in sizes:
+        m = tokens_for(size) if b.cuda else {"480p": 96, "720p": 160}[size]
+        for k, n in shapes:
+            g = torch.Generator(device=dev).manual_seed(k + n)
+            x = torch.randn(m, k, device=dev, generator=g).to(bf16)
+            lin = torch.nn.Linear(k, n, device=dev, dtype=bf16)
+            flops = 2 * m * k * n
+
+            def row(name, fn, ceiling):
+                def measure():
+                    with torch.no_grad():
+                        t, _ = b.time(fn, warmup=warmup, reps=reps)
+                    tf = flops / t / 1e12
+                    return {"ms": round(t * 1e3, 3), "tflops": round(tf, 1),
+                            "pct_ceiling": round(100 * tf / CEILING[ceiling], 1) if ceiling else None}
+                b.guarded("gemm", {"size": size, "tokens": m, "k": k, "n": n, "row": name}, measure)
+
+            row("bf16 F.linear", lambda: F.linear(x, lin.weight, lin.bias), "bf16")
+            for scheme in [s for s in schemes if s != "bf16"]:
+                if scheme == "nf4" and not _bnb(b):
+                    continue
+                try:
+                    mod = get_scheme(scheme).from_linear(lin, QuantConfig(scheme))
+                except Exception as e:
+                    b.guarded("gemm", {"size": size, "k": k, "n": n, "row": f"{scheme} module"}, lambda e=e: {"error": repr(e)})
+                    continue
+                ceiling = {"fp8": "fp8", "int8": "int8"}.get(scheme, "bf16")
+                what = "act quant + GEMM" if scheme in ("fp8", "int8") else "weight dequant + bf16 GEMM"
+                row(f"{scheme} module ({what})", lambda mod=mod: mod(x), ceiling)
+                if scheme == "fp8" and b.cuda:
+                    xq, xs = quantize_activations(x, int8=False)
+                    ws = mod.weight_scale.view(1, -1)
+                    row("fp8 bare _scaled_mm", lambda: torch._scaled_mm(xq, mod.weight.t(), scale_a=xs, scale_b=ws,
+                                                                       bias=lin.bias, out_dtype=bf16,
+                                                                       use_fast_accum=True), "fp8")
+                    row("fp8 act quant kernel alone", lambda: quantize_activations(x, int8=False), None)
+                    row("fp8 act quant eager torch alone", lambda: per_token_quant_ref(x, int8=False), None)
+                    scaled = _scaled(torch)
+                    row("fp8 with eager-torch act quant",
+                        lambda: scaled(*per_token_quant_ref(x, int8=False), mod.weight.t(), ws, lin.bias), "fp8")
+                    slow = get_scheme("fp8").from_linear(lin, QuantConfig("fp8", fast_accum=False))
+                    row("fp8 module, fast_accum=False", lambda: slow(x), "fp8")
+                if scheme == "int8" and b.cuda:
+                    xq8, _ = quantize_activations(x, int8=True)
+                    row("int8 bare _int_mm (int32 out)", lambda: torch._int_mm(xq8, mod.weight.t()), "int8")
+                mod = None
+            x = lin = None           # free before the next shape (the row lambdas have run)
+            b.free()
+
+
+def _scaled(torch):
+    def call(xq, xs, w_t, ws, bias):
+        return torch._scaled_mm(xq, w_t, scale_a=xs, scale_b=ws, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True)
+    return call
+
+
+def _bnb(b: Bench) -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 3: the DiT per scheme
+
+
+def dit_config(b: Bench):
+    from wanimate.engine.config import DiTConfig, preset
+    if b.cuda:
+        return preset("14b").dit
+    return DiTConfig(dim=128, ffn_dim=192, num_heads=2, num_layers=5, text_dim=32, image_dim=32, motion_size=16,
+                     motion_width=32, motion_encoder_dim=32, face_hidden=48)
+
+
+def make_inputs(b: Bench, cfg, size: str) -> dict:
+    torch = b.torch
+    width, height = SIZES[size] if b.cuda else {"480p": (48, 32), "720p": (64, 48)}[size]
+    frames = FRAMES if b.cuda else 5
+    lt, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
+    g = torch.Generator(device=b.device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device=b.device, generator=g).to(torch.bfloat16)
+    return dict(latents=rnd(1, 16, lt + 1, lh, lw), y=rnd(1, 20, lt + 1, lh, lw), pose=rnd(1, 16, lt, lh, lw),
+                face=rnd(1, 3, frames, cfg.motion_size, cfg.motion_size).clamp_(-1, 1),
+                text=rnd(1, cfg.text_len, cfg.text_dim), clip=rnd(1, 257, cfg.image_dim),
+                t=torch.tensor([500], device=b.device), tokens=(lt + 1) * (lh // 2) * (lw // 2))
+
+
+def build_random_dit(b: Bench, cfg, seed: int = 0):
+    """The DiT in bf16 on the device with seeded random weights (the same every call) and outlier
+    channels (quant/report.py random_dit, inject_outliers). With --with-kernels, the fused norm /
+    RoPE / residual kernels (engine/transforms.py use_kernels, issue 5) when that module exists."""
+    from wanimate.quant.report import inject_outliers, random_dit
+    model = random_dit(cfg, seed=seed, device=b.device)
+    inject_outliers(model, seed=seed)
+    if b.args.with_kernels:
+        try:
+            from wanimate.engine.transforms import use_kernels
+        except ImportError:
+            b.results["env"]["with_kernels"] = "engine/transforms.py use_kernels not in this tree: rows run without"
+        else:
+            b.results["env"]["with_kernels"] = bool(use_kernels(model, on=True))
+    return model
+
+
+def bench_dit(b: Bench, sizes, schemes):
+    torch = b.torch
+    from wanimate.quant import QuantConfig, quantize_, weight_bytes
+    cfg = dit_config(b)
+    refs: dict[str, object] = {}
+    for scheme in schemes:
+        if scheme == "nf4" and not _bnb(b) and b.cuda:
+            print("  bitsandbytes not importable: nf4 runs its torch dequantization", flush=True)
+        state: dict = {}
+
+        def build(scheme=scheme):
+            t0 = time.perf_counter()
+            state["model"] = model = build_random_dit(b, cfg)
+            b.sync()
+            built = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            names = quantize_(model, QuantConfig(scheme)) if scheme != "bf16" else []
+            b.sync()
+            nbytes = weight_bytes(model)
+            return {"build_s": round(built, 1), "quantize_s": round(time.perf_counter() - t0, 1),
+                    "quantized_linears": len(names), "weight_gb": round(nbytes / 1e9, 2),
+                    "weight_gib": round(nbytes / 2**30, 2)}
+        row = b.guarded("dit", {"scheme": scheme, "what": "build + quantize"}, build)
+        if "error" in row:
+            state.clear()
+            b.free()
+            continue
+        model = state["model"]
+        for size in sizes:
+            x = make_inputs(b, cfg, size)
+
+            def measure(size=size, x=x):
+                reps = b.args.reps if size == "480p" else b.args.reps_720p
+                with torch.no_grad():
+                    t0 = time.perf_counter()
+                    cond = model.prepare(x["y"], x["pose"], x["face"], x["text"], x["clip"])
+                    b.sync()
+                    prep = time.perf_counter() - t0
+                    out = {}
+                    t, first = b.time(lambda: out.__setitem__("v", model.denoise(x["latents"], x["t"], cond)),
+                                      warmup=1, reps=reps)
+                res = {"tokens": x["tokens"], "prepare_s": round(prep, 3), "denoise_median_s": round(t, 3),
+                       "denoise_first_s": round(first, 2), "finite": bool(torch.isfinite(out["v"]).all())}
+                if scheme == "bf16":
+                    refs[size] = out["v"].float().cpu()
+                elif size in refs:
+                    res["rel_l2_vs_bf16"] = rel_l2(out["v"].float().cpu(), refs[size])
+                return res
+            b.guarded("dit", {"scheme": scheme, "what": "denoise", "size": size}, measure)
+            x = None
+            b.free()
+        model = None
+        state.clear()
+        b.free()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def summarize(b: Bench):
+    dit = [r for r in b.results["dit"] if r.get("what") == "denoise" and "error" not in r]
+    built = {r["scheme"]: r for r in b.results["dit"] if r.get("what") == "build + quantize" and "error" not in r}
+    base = {r["size"]: r["denoise_median_s"] for r in dit if r["scheme"] == "bf16"}
+    lines = ["", "DiT denoise step (random 14B weights with outlier channels, default policy)",
+             f"{'scheme':8} {'size':5} {'tokens':>7} {'step s':>8} {'vs bf16':>8} {'rel L2':>9} {'peak GiB':>9} {'weights GB':>10}"]
+    summary = {}
+    for r in dit:
+        speed = base.get(r["size"], float("nan")) / r["denoise_median_s"]
+        summary[f"{r['scheme']}_{r['size']}_speedup"] = round(speed, 3)
+        if "rel_l2_vs_bf16" in r:
+            summary[f"{r['scheme']}_{r['size']}_rel_l2"] = r["rel_l2_vs_bf16"]
+        lines.append(f"{r['scheme']:8} {r['size']:5} {r['tokens']:7d} {r['denoise_median_s']:8.3f} {speed:8.3f} "
+                     f"{r.get('rel_l2_vs_bf16', float('nan')):9.4f} {r.get('peak_gib', float('nan')):9.2f} "
+                     f"{built.get(r['scheme'], {}).get('weight_gb', float('nan')):10.2f}")
+    for s, r in built.items():
+        summary[f"{s}_weight_gb"] = r["weight_gb"]
+    lines += ["", "GEMMs", f"{'size':5} {'k':>6} {'n':>6} {'row':40} {'ms':>9} {'TFLOP/s':>8} {'% ceil':>7}"]
+    for r in b.results["gemm"]:
+        if "error" in r:
+            lines.append(f"{r['size']:5} {r['k']:6d} {r['n']:6d} {r['row']:40} error: {r['error'][:60]}")
+        else:
+            pct = r["pct_ceiling"]
+            lines.append(f"{r['size']:5} {r['k']:6d} {r['n']:6d} {r['row']:40} {r['ms']:9.3f} {r['tflops']:8.1f} "
+                         f"{pct if pct is not None else '':>7}")
+    s = summary
+    verdict = {
+        "fp8_speedup_480p": (s.get("fp8_480p_speedup"), TARGETS["fp8_speedup_480p"], ">="),
+        "fp8_weight_gb": (s.get("fp8_weight_gb"), TARGETS["fp8_weight_gb"], "<="),
+        "fp8_rel_l2_480p": (s.get("fp8_480p_rel_l2"), TARGETS["output_rel_l2"], "<="),
+    }
+    lines += ["", "targets"]
+    for k, (got, want, op) in verdict.items():
+        ok = None if got is None else (got >= want if op == ">=" else got <= want)
+        summary[f"target_{k}"] = {"got": got, "target": f"{op} {want}", "met": ok}
+        lines.append(f"  {k:20} got {got} target {op} {want}: {'MET' if ok else 'not met' if ok is False else 'n/a'}")
+    b.results["summary"] = summary
+    b.save()
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, toy sizes")
+    ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_quant.json)")
+    ap.add_argument("--sizes", default="480p,720p")
+    ap.add_argument("--schemes", default="bf16,fp8,int8_wo,int8,nf4")
+    ap.add_argument("--parts", default="checks,gemm,dit")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps-720p", type=int, default=2)
+    ap.add_argument("--with-kernels", action="store_true",
+                    help="DiT rows with the fused norm/RoPE kernels of engine/transforms.py (if present), every scheme alike")
+    args = ap.parse_args(argv)
+    _import_wanimate()
+    b = Bench(args)
+    torch = b.torch
+    if b.cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke on a CPU")
+    if not b.cuda:
+        args.reps, args.reps_720p = 1, 1
+    sizes = [s for s in args.sizes.split(",") if s]
+    schemes = [s for s in args.schemes.split(",") if s]
+    if "bf16" in schemes:                       # the reference runs first
+        schemes = ["bf16"] + [s for s in schemes if s != "bf16"]
+    parts = set(args.parts.split(","))
+    b.results["env"] = environment(b)
+    print(json.dumps(b.results["env"]), flush=True)
+    t0 = time.perf_counter()
+    if "checks" in parts:
+        bench_checks(b)
+    if "gemm" in parts:
+        bench_gemm(b, sizes, schemes)
+    if "dit" in parts:
+        bench_dit(b, sizes, schemes)
+    summarize(b)
+    print(f"total {time.perf_counter() - t0:.0f} s; wrote {b.out}", flush=True)
+    return b.results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""What to quantize and how: the QuantConfig dataclass and the layer policy.
+
+A scheme (fp8, int8, int8_wo, nf4) says how one nn.Linear is stored and computed; the policy says
+which of the DiT's linears are swapped. Only `nn.Linear` modules are candidates (the motion
+encoder's EqualLinear/EqualConv2d and all convolutions stay as they are), and these never are:
+
+- time_embedding.*, time_projection.*, head.head: engine/model.py runs them through `fp32_linear`,
+  which reads `layer.weight` directly (the official fp32 islands), so a swapped module would be
+  bypassed or break. They are 1% of the weights and run once per step on one row.
+
+Which of the rest are kept in bf16, or get a different scheme, follows the measurement in
+quant/report.py (`measure_exemptions`; the numbers are beside DEFAULT_KEEP below).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch.nn as nn
+
+from ..engine.errors import ValidationError
+
+# fp32_linear reads these weights directly (engine/model.py): never quantized.
+NEVER_QUANTIZED: tuple[str, ...] = ("time_embedding.*", "time_projection.*", "head.*")
+
+# Named groups of the quantizable linears (fnmatch patterns on module names), used by the policy
+# and by the exemption measurement.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "embeddings": ("text_embedding.*", "img_emb.*", "face_encoder.*"),
+    "face_adapter": ("face_adapter.*",),
+    "self_attn": ("blocks.*.self_attn.*",),
+    "cross_attn_q_o": ("blocks.*.cross_attn.q", "blocks.*.cross_attn.o"),
+    "cross_attn_kv": ("blocks.*.cross_attn.k", "blocks.*.cross_attn.v",
+                      "blocks.*.cross_attn.k_img", "blocks.*.cross_attn.v_img"),
+    "ffn": ("blocks.*.ffn.*",),
+}
+
+# Default exemptions, from quant/report.py::measure_exemptions on the 14B architecture cut to 5
+# blocks (random weights, 8 outlier channels x20-100 per linear input, compensated; 192 tokens; CPU
+# emulation; bench/quant_accuracy.py). FP8 DiT output rel L2 with only one group quantized:
+#   embeddings 2.2%, cross-attn q/o 2.3%, cross-attn k/v 1.8%, face adapter 1.7%, FFN 1.1%,
+#   self-attn 0.7%; everything 4.3%; everything but the first and last block 3.6%.
+# Keeping the embeddings in bf16 is free (0.4% of the weights, run once per segment on a few hundred
+# rows). The cross-attention k/v and the face adapter go to int8 weight-only (DEFAULT_OVERRIDES:
+# same 1 byte/weight, 4x less error there). With this policy: FP8 output 2.8% (int8_wo 1.9%,
+# nf4 10.5%, W8A8 int8 20%: per-token int8 cannot hold 20-100x outlier channels) and 17.58 GB of
+# FP8 DiT weights (the face adapter in bf16 would be 18.41 GB, the first+last blocks +0.81 GB: both
+# over the 18 GB budget, so neither is kept by default; keep_edge_blocks=1 is available).
+DEFAULT_KEEP: tuple[str, ...] = GROUPS["embeddings"]
+DEFAULT_EDGE_BLOCKS = 0
+
+# Per-layer scheme overrides for the activation-quantizing schemes (fp8, int8): layers whose inputs
+# need no per-token quantization for speed get int8 weight-only instead, at the same 1 byte/weight.
+# - cross-attention k, v, k_img, v_img: run once per segment in prepare() on the 769 context rows,
+#   448 of which are the identical zero-padded text rows (their quantization error is coherent, it
+#   does not average out): measured the most sensitive group after cross q/o (report.py numbers).
+# - the face adapter: linear1_kv sees 5 motion tokens per frame; q/linear2 are 2.6% of the GEMM FLOPs.
+ACTIVATION_SCHEMES = ("fp8", "int8")
+DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
+    (p, "int8_wo") for p in GROUPS["cross_attn_kv"] + GROUPS["face_adapter"])
+
+KERNELS = ("auto", "reference")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """scheme: a registered scheme name (quant/registry.py: fp8, int8, int8_wo, nf4).
+    keep: fnmatch patterns of module names kept in their original dtype.
+    keep_edge_blocks: the first and the last N transformer blocks are kept as well.
+    overrides: (fnmatch pattern, scheme) pairs, first match wins: that layer uses that scheme instead.
+        None = DEFAULT_OVERRIDES for fp8/int8 and none for the weight-only schemes.
+    fast_accum: FP8 only: cuBLASLt's fast accumulation (the torchao default for inference).
+    kernel: "auto" uses the GPU kernels where their guard allows; "reference" always runs the
+        pure-torch path (the exact CPU emulation), to measure the kernels against it.
+    nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64)."""
+    scheme: str = "fp8"
+    keep: tuple[str, ...] = DEFAULT_KEEP
+    keep_edge_blocks: int = DEFAULT_EDGE_BLOCKS
+    overrides: tuple[tuple[str, str], ...] | None = None
+    fast_accum: bool = True
+    kernel: str = "auto"
+    nf4_blocksize: int = 64
+
+    def __post_init__(self):
+        from .registry import available_schemes
+        if self.scheme not in available_schemes():
+            raise ValidationError(f"unknown quantization scheme {self.scheme!r}; choose one of {available_schemes()}")
+        if self.kernel not in KERNELS:
+            raise ValidationError(f"kernel={self.kernel!r}: choose one of {KERNELS}")
+        if self.keep_edge_blocks < 0:
+            raise ValidationError(f"keep_edge_blocks={self.keep_edge_blocks} must be >= 0")
+        if self.nf4_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValidationError(f"nf4_blocksize={self.nf4_blocksize} must be a power of two in 32..4096")
+        object.__setattr__(self, "keep", tuple(self.keep))
+        overrides = self.overrides
+        if overrides is None:
+            overrides = DEFAULT_OVERRIDES if self.scheme in ACTIVATION_SCHEMES else ()
+        overrides = tuple((str(p), str(s)) for p, s in overrides)
+        for _, s in overrides:
+            if s not in available_schemes():
+                raise ValidationError(f"override scheme {s!r} is not registered; choose one of {available_schemes()}")
+        object.__setattr__(self, "overrides", overrides)
+
+    def scheme_for(self, name: str) -> str:
+        """The scheme of one layer: the first matching override, else `scheme`."""
+        return next((s for p, s in self.overrides if fnmatch.fnmatchcase(name, p)), self.scheme)
+
+    def replace(self, **changes) -> "QuantConfig":
+        """dataclasses.replace; a new scheme also gets its own default overrides when the current
+        ones are the old scheme's defaults (so fp8 -> nf4 does not keep fp8's int8_wo layers)."""
+        if "scheme" in changes and "overrides" not in changes:
+            old_default = DEFAULT_OVERRIDES if self.scheme in ACTIVATION_SCHEMES else ()
+            if self.overrides == old_default:
+                changes["overrides"] = None
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            data = json.loads(text)
+            overrides = data.get("overrides")
+            return cls(**{**data, "keep": tuple(data.get("keep", ())),
+                          "overrides": None if overrides is None else tuple(tuple(o) for o in overrides)})
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValidationError(f"unreadable quantization config {text[:200]!r} ({e})") from None
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _edge_block(name: str, num_layers: int, n: int) -> bool:
+    if n == 0 or not name.startswith("blocks."):
+        return False
+    index = int(name.split(".")[1])
+    return index < n or index >= num_layers - n
+
+
+def is_candidate(name: str, module: nn.Module) -> bool:
+    """An nn.Linear that the model does not read `.weight` from directly."""
+    return isinstance(module, nn.Linear) and not _matches(name, NEVER_QUANTIZED)
+
+
+def select_linears(model: nn.Module, config: QuantConfig,
+                   filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list[str]:
+    """Names of the linears `config` quantizes in `model` (torchao-style filter_fn(module, name) narrows it)."""
+    num_layers = len(getattr(model, "blocks", ()))
+    out = []
+    for name, module in model.named_modules():
+        if not is_candidate(name, module) or _matches(name, config.keep):
+            continue
+        if _edge_block(name, num_layers, config.keep_edge_blocks):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        out.append(name)
+    return out
