@@ -473,7 +473,7 @@ def bench_wanimate(b: Bench, sizes):
             row("wanimate kernels + CUDA graph", size, x, lambda: graphed(x["latents"], x["t"], cond),
                 what="denoise", ref_key=size)
             graphed = None            # releases the graph and its memory pool
-        else:
+        elif not b.cuda:
             b.guarded("dit", {"row": "wanimate kernels + CUDA graph", "what": "denoise", "size": size,
                               "skipped": "needs CUDA"}, dict)
         conds.pop(size)
