@@ -84,6 +84,8 @@ def run(
     exact_steps: str = typer.Option("1,1", help="with a quantized attention backend: first,last steps kept exact"),
     vae_backend: str = typer.Option("torch", help="torch | compiled | onnx | tensorrt (exported once per resolution)"),
     vae_cache: Path = typer.Option(None, help="folder for exported VAE graphs/engines (default ~/.cache/wanimate/vae)"),
+    quant: str = typer.Option(None, help="quantize the DiT weights at load: fp8 | int8 | int8_wo | nf4"),
+    relighting_lora: bool = typer.Option(False, help="merge the checkpoint's relighting LoRA (replace mode) at load"),
 ):
     """Generate a video: the reference image performs the driving video's motion (animate) or
     replaces its person (replace)."""
@@ -117,6 +119,7 @@ def run(
         report = run_job(output, options, src=src, image=image, video=video, ckpt_dir=ckpt_dir, device=device,
                          dtype=torch.float32 if fp32 else torch.bfloat16, preprocess_options=pre,
                          vae_backend=vae_backend, vae_cache=vae_cache,
+                         load_options={"quant": quant, "relighting_lora": relighting_lora},
                          progress=progress, log=lambda s: typer.echo(f"wanimate: {s}", err=True))
     except WanimateError as e:
         typer.echo(f"error: {e}", err=True)
@@ -215,6 +218,39 @@ def export_pose_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(json.dumps({k: str(v.get("onnx", v)) for k, v in out.items()}))
+
+
+@app.command()
+def quantize(
+    ckpt_dir: Path = typer.Option(..., help="checkpoint folder (official or -Diffusers layout)"),
+    scheme: str = typer.Option("fp8", help="fp8 | int8 | int8_wo | nf4"),
+    output: Path = typer.Option(None, "-o", "--output", help="folder for the quantized DiT (shards + manifest)"),
+    lora: list[Path] = typer.Option([], help="LoRA .safetensors to merge before quantizing (repeatable)"),
+    relighting_lora: bool = typer.Option(False, help="merge the checkpoint's relighting LoRA first"),
+    report: bool = typer.Option(False, help="instead of writing: each scheme's per-layer and DiT-output error"),
+    overwrite: bool = typer.Option(False),
+):
+    """Quantize the DiT offline, streaming tensor by tensor (a few GB of host memory at 14B)."""
+    from .engine.errors import ValidationError, WanimateError
+
+    try:
+        if report:
+            from .quant.report import checkpoint_accuracy_report
+            typer.echo(checkpoint_accuracy_report(ckpt_dir).format())
+            return
+        if output is None:
+            raise ValidationError("give -o OUT (the folder to write), or --report")
+        from .quant.checkpoint import quantize_checkpoint
+        loras = list(lora)
+        if relighting_lora:
+            from .engine.components import load_relighting_lora
+            loras.append(load_relighting_lora(ckpt_dir))
+        result = quantize_checkpoint(ckpt_dir, scheme, output, loras=loras, overwrite=overwrite,
+                                     progress=lambda s: typer.echo(s, err=True))
+    except WanimateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {output}: {result}")
 
 
 @app.command()

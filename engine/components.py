@@ -133,12 +133,46 @@ def _exists_or_convert(path: Path, ckpt_dir: Path, name: str) -> None:
     raise CheckpointError(f"{ckpt_dir}: no {path.name} ({name}); {hint}")
 
 
-def load_pipeline(ckpt_dir: Path, *, device="cuda", dtype=torch.bfloat16,
-                  progress: Callable[[str], None] | None = None) -> Pipeline:
-    """The full model set from a checkpoint folder, in the official precisions."""
+def load_relighting_lora(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """relighting_lora.safetensors (made by `wanimate convert`, checked against the manifest)."""
+    ckpt_dir = Path(ckpt_dir)
+    path = converted_path(ckpt_dir, _component("relighting_lora"))
+    _exists_or_convert(path, ckpt_dir, "relighting_lora")
+    rel = str(path.relative_to(ckpt_dir))
+    digest = (read_manifest(ckpt_dir) or {}).get(rel, {}).get("sha256")
+    if digest is None:
+        raise CheckpointError(f"{path} is not listed in the manifest: run `wanimate convert {ckpt_dir}`")
+    return {k: v for k, v in read_tensors(read_header(path), expected_sha256=digest)}
+
+
+def load_pipeline(ckpt_dir: Path, *, device="cuda", dtype=torch.bfloat16, relighting_lora: bool = False,
+                  quant: str | None = None, progress: Callable[[str], None] | None = None) -> Pipeline:
+    """The full model set from a checkpoint folder, in the official precisions. The relighting
+    LoRA (replace mode) is merged into the DiT weights once, exactly in fp32 (the official keeps
+    it unmerged: extra matmuls at every step). `quant` applies a weight scheme after the merge
+    ('fp8', 'int8', 'int8_wo', 'nf4'; see quant/). A folder written by `wanimate quantize` loads
+    its quantized weights directly."""
+    from ..quant.checkpoint import is_quantized_dir, load_quantized_dit
     say = progress or (lambda s: None)
     say("loading the DiT")
-    dit = load_dit(ckpt_dir, dtype=dtype, device=device, progress=progress)
+    if is_quantized_dir(ckpt_dir):
+        if relighting_lora:
+            raise CheckpointError(f"{ckpt_dir} is already quantized: merge the relighting LoRA when quantizing "
+                                  "(wanimate quantize --relighting-lora)")
+        dit = load_quantized_dit(ckpt_dir, device=device, dtype=dtype, progress=progress)
+    else:
+        patch = None
+        if relighting_lora:
+            from .loader import build_dit, expected_entries, find_dit
+            from .lora import parse_lora
+            cfg = find_dit(ckpt_dir).config
+            patch = parse_lora(load_relighting_lora(ckpt_dir), expected_entries(build_dit(cfg)), cfg)
+            say(f"merging the relighting LoRA into {len(patch.targets())} weights while loading")
+        dit = load_dit(ckpt_dir, dtype=dtype, device=device, progress=progress, lora=patch)
+        if quant:
+            from ..quant import QuantConfig, quantize_
+            say(f"quantizing the DiT weights ({quant})")
+            quantize_(dit, QuantConfig(quant))
     say("loading umT5")
     t5, tokenizer = load_t5(ckpt_dir, dtype=dtype, device=device)
     say("loading CLIP")

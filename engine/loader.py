@@ -427,8 +427,10 @@ def constant_buffers_names(model: nn.Module) -> set[str]:
 
 
 def load_dit(ckpt_dir: Path, *, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-             progress: Callable[[str], None] | None = None) -> WanAnimateDiT:
-    """Load the DiT from an official or diffusers checkpoint directory (see the module docstring)."""
+             progress: Callable[[str], None] | None = None, lora=None) -> WanAnimateDiT:
+    """Load the DiT from an official or diffusers checkpoint directory (see the module docstring).
+    `lora` (an engine.lora.LoraPatch) is merged tensor by tensor on the CPU as the shards stream
+    in: W + delta summed in fp32 and rounded once, so no full-precision copy of the model exists."""
     ck = find_dit(ckpt_dir)
     model = build_dit(ck.config)
     validate_dit_files(ck, model)
@@ -444,8 +446,9 @@ def load_dit(ckpt_dir: Path, *, dtype: torch.dtype = torch.bfloat16, device: tor
             pairs = read_tensors(read_header(f), expected_sha256=digest)
             yield from (pairs if ck.layout == "official" else diffusers_to_official(pairs, ck.config, pending))
 
+    pairs = stream() if lora is None else ((k, lora.apply(k, t)) for k, t in stream())
     try:
-        assign_weights(model, stream(), dtype=dtype, device=device, source=str(ck.directory))
+        assign_weights(model, pairs, dtype=dtype, device=device, source=str(ck.directory))
     except BaseException:
         del model           # nothing half-loaded survives
         raise

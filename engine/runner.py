@@ -123,7 +123,7 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
         video: Path | None = None, pipeline: Pipeline | None = None, ckpt_dir: Path | None = None,
         device: str = "cpu", dtype: torch.dtype = torch.bfloat16, preprocess_options: dict | None = None,
         limits: MediaLimits = MediaLimits(), progress: Callable[[str, int, int], None] | None = None,
-        vae_backend: str = "torch", vae_cache: Path | None = None,
+        vae_backend: str = "torch", vae_cache: Path | None = None, load_options: dict | None = None,
         log: Callable[[str], None] = lambda s: None) -> RunReport:
     """Generate `output` from a preprocessed folder (`src`) or from an image and a driving video
     (preprocessed first). `pipeline` may be a loaded Pipeline (servers keep one across requests);
@@ -162,7 +162,8 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
                         "shows the pipeline working, not an animation")
                     pipeline = embedded_pipeline(device=device)
                 else:
-                    pipeline = load_pipeline(ckpt_dir, device=device, dtype=dtype, progress=log)
+                    pipeline = load_pipeline(ckpt_dir, device=device, dtype=dtype, progress=log,
+                                             **{k: v for k, v in (load_options or {}).items() if v})
                 timings["load_s"] = time.perf_counter() - tl
             if vae_backend != "torch":
                 from ..export.runtime import make_vae_backend

@@ -41,8 +41,34 @@ def build_models(meta: dict):
     t5 = build_t5(config_from_overrides(cfgs["t5"], meta["resolved"].get("text_len", 512)), seed)
     clip = build_clip(config_from_effective(cfgs["clip"]), seed)
     if cfgs.get("lora"):
-        raise NotImplementedError("relighting-LoRA e2e cases need engine/lora.py")
+        from ..lora import merge_lora
+        merge_lora(dit, relighting_lora_recipe(dit, cfgs["lora"], seed))
     return dit, vae, t5, clip
+
+
+# The relighting LoRA's targets: every Linear of the blocks except the face adapter and modulation
+# (the official get_loraconfig rule), i.e. these 12 per block.
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2")
+
+
+def relighting_lora_recipe(dit, lora_cfg, seed: int) -> dict[str, torch.Tensor]:
+    """PEFT-format relighting LoRA for a recipe-built case (e2e README): lora_A [r, in] and
+    lora_B [out, r] for each target of every block, value = recipe x 0.25; scale alpha / r."""
+    cfg = lora_cfg if isinstance(lora_cfg, dict) else {}
+    rank = int(cfg.get("rank", cfg.get("r", 128)))
+    alpha = float(cfg.get("alpha", cfg.get("lora_alpha", rank)))
+    value_scale = float(cfg.get("value_scale", cfg.get("scale_of_recipe", 0.25)))
+    targets = cfg.get("target_modules") or cfg.get("targets") or LORA_TARGETS
+    state = {}
+    for i in range(len(dit.blocks)):
+        for t in targets:
+            t = t.split("blocks.")[-1].split(".", 1)[-1] if t.startswith("blocks.") else t
+            lin = dit.get_submodule(f"blocks.{i}.{t}")
+            a, b = f"blocks.{i}.{t}.lora_A.weight", f"blocks.{i}.{t}.lora_B.weight"
+            state[a] = recipe.param(a, (rank, lin.in_features), seed) * value_scale
+            state[b] = recipe.param(b, (lin.out_features, rank), seed) * value_scale * (alpha / rank)
+    return state
 
 
 def encode_ids(t5, ids: list[list[int]], text_len: int) -> list[torch.Tensor]:
