@@ -236,7 +236,7 @@ def quantize(
     try:
         if report:
             from .quant.report import checkpoint_accuracy_report
-            typer.echo(checkpoint_accuracy_report(ckpt_dir).format())
+            typer.echo(checkpoint_accuracy_report(ckpt_dir).table)
             return
         if output is None:
             raise ValidationError("give -o OUT (the folder to write), or --report")
