@@ -104,15 +104,15 @@ def _owned_tensors(module: nn.Module) -> Iterator[tuple[nn.Module, str, bool, to
 
 
 class _FlatLayout:
-    """Where each tensor of a module lives inside one flat uint8 buffer (ALIGN-aligned offsets).
-    Binding points the module's parameters and buffers at views of a buffer with this layout;
+    """Where each of a set of tensors lives inside one flat uint8 buffer (ALIGN-aligned offsets).
+    Binding points their owners' parameters and buffers at views of a buffer with this layout;
     parameters keep their identity (only `.data` changes)."""
 
-    def __init__(self, module: nn.Module, what: str):
+    def __init__(self, items: Iterable[tuple[nn.Module, str, bool, torch.Tensor]], what: str):
         self.entries: list[_Entry] = []
         seen: dict[int, str] = {}
         offset = 0
-        for owner, name, is_param, t in _owned_tensors(module):
+        for owner, name, is_param, t in items:
             if t.is_meta:
                 raise ValidationError(f"{what}: {name} is on the meta device; load or initialise the weights "
                                       "before offloading")
@@ -124,6 +124,25 @@ class _FlatLayout:
             self.entries.append(_Entry(owner, name, is_param, tuple(t.shape), t.dtype, offset, nbytes))
             offset += -(-nbytes // ALIGN) * ALIGN
         self.nbytes = offset
+
+    @classmethod
+    def of(cls, module: nn.Module, what: str) -> "_FlatLayout":
+        return cls(_owned_tensors(module), what)
+
+    @classmethod
+    def parts(cls, module: nn.Module, what: str, part_bytes: int = GiB) -> list["_FlatLayout"]:
+        """The module's tensors in consecutive groups of about part_bytes (a tensor is never split)."""
+        groups, group, size = [], [], 0
+        for item in _owned_tensors(module):
+            n = item[3].numel() * item[3].element_size()
+            if group and size + n > part_bytes:
+                groups.append(group)
+                group, size = [], 0
+            group.append(item)
+            size += n
+        if group:
+            groups.append(group)
+        return [cls(g, what) for g in groups]
 
     def tensors(self) -> list[torch.Tensor]:
         return [(e.module._parameters if e.is_param else e.module._buffers)[e.name] for e in self.entries]
@@ -320,7 +339,7 @@ class BlockSwap:
                         t.data = t.data.to(self.device)
                     else:
                         owner._buffers[name] = t.to(self.device)
-            self.layouts = [_FlatLayout(u, self.names[i]) for i, u in enumerate(self.units)]
+            self.layouts = [_FlatLayout.of(u, self.names[i]) for i, u in enumerate(self.units)]
             pin = self.device.type == "cuda"
             self._arenas, self._host_flat, self._host_views = _pack_to_host(self.layouts, pin)
             slot_bytes = max((lay.nbytes for lay in self.layouts), default=0)
@@ -492,3 +511,177 @@ def apply_block_swap(model: nn.Module, resident: int, device: torch.device | str
     chosen = [(name, m) for name, m in dit_units(model, stream_face_blocks)
               if not name.startswith("blocks.") or int(name.split(".")[1]) in streamed]
     return BlockSwap(model, [m for _, m in chosen], device, transport, names=[name for name, _ in chosen])
+
+
+# ----------------------------------------------------------------------------------------------
+# Component placement: what the pipeline calls around T5, CLIP, the VAE (and preprocessing models)
+
+
+class Placement:
+    """Where the pipeline's components are while it runs. This default leaves every component
+    where it was built (resident): `use()` does nothing, the VAE is not tiled."""
+
+    vae_tiling: Tiling | None = None
+    swap: BlockSwap | None = None
+
+    def use(self, module: nn.Module | None):
+        """Context manager: `module` is on the compute device inside the block."""
+        return contextlib.nullcontext(module)
+
+    def recover(self) -> None:
+        """Return to a clean state after an exception (e.g. out of memory) in the middle of a request."""
+        if self.swap is not None:
+            self.swap.reset()
+
+    def remove(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "all components resident"
+
+
+@dataclass
+class _Offloaded:
+    name: str
+    module: nn.Module
+    layouts: list[_FlatLayout]
+    host_views: list[list[torch.Tensor]]
+    host_flats: list[torch.Tensor]
+    origin: dict
+    arenas: list[torch.Tensor]
+    depth: int = 0
+    device_flats: list[torch.Tensor] | None = None
+
+
+class ComponentOffload(Placement):
+    """Keeps the given modules in pinned host memory and moves each to `device` only inside
+    `with placement.use(module):` (nested uses of one module move it once). Coming back costs no
+    copy: the host bytes are kept and the device copy is simply dropped. Modules not given here are
+    left where they are. `swap`, `vae_tiling`: carried for the pipeline (see apply_plan)."""
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device | str, *,
+                 vae_tiling: Tiling | None = None, swap: BlockSwap | None = None):
+        self.device = torch.device(device)
+        self.vae_tiling, self.swap = vae_tiling, swap
+        self._entries: dict[int, _Offloaded] = {}
+        pin = self.device.type == "cuda"
+        with torch.no_grad(), torch.inference_mode(False):
+            for name, module in modules.items():
+                if module is None or id(module) in self._entries:
+                    continue
+                origin = {(id(o), n): t.device for o, n, _, t in _owned_tensors(module)}
+                layouts = _FlatLayout.parts(module, name)
+                arenas, flats, views = _pack_to_host(layouts, pin)
+                self._entries[id(module)] = _Offloaded(name, module, layouts, views, flats, origin, arenas)
+
+    @property
+    def offloaded(self) -> list[str]:
+        return [e.name for e in self._entries.values()]
+
+    def host_bytes(self) -> int:
+        return sum(lay.nbytes for e in self._entries.values() for lay in e.layouts)
+
+    @contextlib.contextmanager
+    def use(self, module: nn.Module | None):
+        entry = self._entries.get(id(module)) if module is not None else None
+        if entry is None:
+            yield module
+            return
+        if entry.depth == 0:
+            self._load(entry)
+        entry.depth += 1
+        try:
+            yield module
+        finally:
+            entry.depth -= 1
+            if entry.depth == 0:
+                self._unload(entry)
+
+    def _load(self, entry: _Offloaded) -> None:
+        flats = []
+        with torch.no_grad(), torch.inference_mode(False):
+            for lay, host in zip(entry.layouts, entry.host_flats):
+                # One copy per part, on the compute stream: whatever runs next is ordered after it.
+                flat = torch.empty(lay.nbytes, dtype=torch.uint8, device=self.device)
+                flat.copy_(host, non_blocking=host.is_pinned())
+                lay.bind(lay.views(flat))
+                flats.append(flat)
+        entry.device_flats = flats
+
+    def _unload(self, entry: _Offloaded) -> None:
+        for lay, views in zip(entry.layouts, entry.host_views):
+            lay.bind(views)
+        entry.device_flats = None          # freed in stream order: work already queued still reads it
+
+    def recover(self) -> None:
+        for entry in self._entries.values():
+            if entry.depth:
+                entry.depth = 0
+                self._unload(entry)
+        super().recover()
+
+    def remove(self) -> None:
+        """Put every offloaded module back on the device it was on before, then remove the swap."""
+        self.recover()
+        with torch.no_grad(), torch.inference_mode(False):
+            for entry in self._entries.values():
+                for lay, views in zip(entry.layouts, entry.host_views):
+                    lay.bind([v.to(entry.origin[(id(e.module), e.name)], copy=True)
+                              for e, v in zip(lay.entries, views)])
+        self._entries.clear()
+        if self.swap is not None:
+            self.swap.remove()
+            self.swap = None
+
+    def describe(self) -> str:
+        parts = [f"offloaded to pinned host memory: {', '.join(self.offloaded)}" if self._entries else
+                 "components resident"]
+        if self.swap is not None:
+            total = len(self.swap.model.blocks)
+            blocks = sum(1 for n in self.swap.names if n.startswith("blocks."))
+            face = len(self.swap.names) - blocks
+            parts.append(f"DiT blocks resident {total - blocks}/{total}" + (f", {face} face blocks streamed" if face else ""))
+        if self.vae_tiling is not None:
+            parts.append(f"VAE tiled ({self.vae_tiling.size}/{self.vae_tiling.overlap} latent px)")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Out of memory at run time
+
+
+def release_memory(device: torch.device, placement: Placement | None = None) -> None:
+    """After an out-of-memory error, once the exception (and with it the failed request's frames)
+    is gone: collect reference cycles, reset the placement (bindings, modules moved in for a
+    call), and hand cached blocks back to the driver so the next request starts clean."""
+    gc.collect()
+    if placement is not None:
+        placement.recover()
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def oom_message(failure: str | None, stage: str, size: tuple[int, int], options, placement: Placement | None) -> str:
+    """What ResourceExhausted says after an out-of-memory error: where, at what size, what to change."""
+    h, w = size
+    guided = getattr(options, "guide_scale", 1.0) > 1
+    batch_cfg = guided and getattr(options, "batch_cfg", False)
+    clip_len = getattr(options, "clip_len", 77)
+    head = (f"out of device memory during {stage} at {w}x{h}, {clip_len}-frame segments"
+            + (", both guidance passes in one batch" if batch_cfg else "")
+            + (f" ({failure})" if failure else "") + ".")
+    fixes = []
+    if placement is None or (placement.swap is None and not isinstance(placement, ComponentOffload)):
+        fixes.append("pass --vram-budget with your GPU's memory (e.g. --vram-budget 24GB): the planner then "
+                     "streams DiT blocks from host memory and offloads T5, CLIP and the VAE")
+    else:
+        fixes.append(f"the VRAM plan ({placement.describe()}) left too little room: pass a lower --vram-budget "
+                     "(other processes may be using the GPU)")
+    if h * w > 480 * 832:
+        fixes.append("a smaller --size (832x480 needs about a quarter of 1280x720's activation memory)")
+    fixes.append("--quant fp8 (halves the DiT weights)")
+    if batch_cfg:
+        fixes.append("batch_cfg=False (runs the two guidance passes one after the other: half the DiT activations)")
+    if clip_len > 41:
+        fixes.append("a shorter --clip-len such as 41 (fewer tokens per DiT step)")
+    return head + " To fit, try: " + "; ".join(fixes) + ". The engine is still healthy and can take the next request."

@@ -13,7 +13,7 @@ from wanimate.engine.config import preset
 from wanimate.engine.errors import ResourceExhausted, ValidationError
 from wanimate.engine.loader import recipe_dit
 from wanimate.engine.offload import (
-    BlockSwap, _group_for_arenas, _pow2ceil, apply_block_swap, dit_units,
+    BlockSwap, ComponentOffload, Placement, _group_for_arenas, _pow2ceil, apply_block_swap, dit_units,
     parse_budget, streamed_block_indices,
 )
 
@@ -284,3 +284,139 @@ def test_parse_budget(text, want):
 def test_parse_budget_errors(text):
     with pytest.raises(ValidationError, match="vram-budget"):
         parse_budget(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Component offload and the pipeline's hook points
+
+
+def test_component_offload_moves_only_inside_use():
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 300), torch.nn.GELU(), torch.nn.Linear(300, 4))
+    other = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 8)
+    want = lin(x)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    placement = ComponentOffload({"mlp": lin}, "cpu")
+    host = {id(p): p.data_ptr() for p in lin.parameters()}
+    arena = [(a.data_ptr(), a.data_ptr() + a.numel()) for e in placement._entries.values() for a in e.arenas]
+    assert all(any(lo <= ptr < hi for lo, hi in arena) for ptr in host.values())
+    with placement.use(lin):
+        inside = {id(p): p.data_ptr() for p in lin.parameters()}
+        with placement.use(lin):                                # nested: no second move
+            assert {id(p): p.data_ptr() for p in lin.parameters()} == inside
+        assert {id(p): p.data_ptr() for p in lin.parameters()} == inside
+        got = lin(x)
+    assert all(inside[k] != host[k] for k in host)              # it ran from the "device" copy
+    assert {id(p): p.data_ptr() for p in lin.parameters()} == host
+    assert torch.equal(got, want)
+    with placement.use(other):                                  # not offloaded: left alone
+        pass
+    with pytest.raises(RuntimeError):
+        with placement.use(lin):
+            raise RuntimeError("inside")
+    assert {id(p): p.data_ptr() for p in lin.parameters()} == host
+    assert placement.offloaded == ["mlp"] and "mlp" in placement.describe()
+    placement.remove()
+    assert all(torch.equal(lin.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(lin(x), want)
+
+
+def test_default_placement_is_a_no_op():
+    p = Placement()
+    m = torch.nn.Linear(2, 2)
+    with p.use(m) as got:
+        assert got is m
+    p.recover()
+    assert p.vae_tiling is None and p.describe() == "all components resident"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from wanimate.engine.components import embedded_pipeline
+    return embedded_pipeline()
+
+
+def _request(n=5, size=32, seed=0):
+    from wanimate.engine.pipeline import ArraySource
+    rng = np.random.default_rng(seed)
+    ref = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    pose = ArraySource(rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8))
+    face = ArraySource(rng.integers(0, 255, (n, 64, 64, 3), dtype=np.uint8))
+    return ref, pose, face
+
+
+def _generate(pipe, steps=1, **kw):
+    from wanimate.engine.pipeline import GenerateOptions
+    ref, pose, face = _request()
+    return pipe.generate(ref, pose, face, GenerateOptions(steps=steps, clip_len=5, seed=7, **kw))
+
+
+def _tensors_created_during(fn):
+    """Run fn; return (its result or exception, weak references to every tensor ops created)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    refs = []
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor):
+                    refs.append(weakref.ref(o))
+            return out
+
+    with Track():
+        try:
+            return fn(), refs
+        except Exception as e:          # noqa: BLE001 - returned to the test
+            return e, refs
+
+
+def _inject_oom(module, at_call):
+    calls = {"n": 0}
+
+    def hook(m, args):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB. (injected)")
+    return module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("where,offload", [("dit", False), ("vae", True)])
+def test_oom_recovery_leaves_the_pipeline_healthy(tiny_pipe, where, offload):
+    pipe = tiny_pipe
+    good = _generate(pipe).frames
+    placement = None
+    if offload:
+        swap = apply_block_swap(pipe.dit, 2, "cpu")
+        placement = ComponentOffload({"text_encoder": pipe.text_encoder, "clip": pipe.clip, "vae": pipe.vae},
+                                     "cpu", swap=swap)
+        pipe.placement = placement
+    target = pipe.dit.blocks[1] if where == "dit" else pipe.vae.decoder
+    handle = _inject_oom(target, at_call=1)
+    try:
+        err, refs = _tensors_created_during(lambda: _generate(pipe))
+        assert isinstance(err, ResourceExhausted), err
+        msg = str(err)
+        assert ("DiT step 1/1" if where == "dit" else "VAE decode") in msg and "32x32" in msg
+        assert "injected" in msg and "--vram-budget" in msg and "still healthy" in msg
+        assert err.__context__ is None and err.__cause__ is None
+        # While the caller still holds the exception, every tensor of the failed request is gone
+        # (the pipeline's own per-shape caches excepted).
+        gc.collect()
+        cached = {t.untyped_storage().data_ptr() for t in [*pipe._grey_latents.values(), *pipe._black_motion.values()]}
+        alive = [r() for r in refs if r() is not None]
+        leaked = [t for t in alive if t.numel() and t.untyped_storage().data_ptr() not in cached]
+        assert not leaked, [(tuple(t.shape), t.dtype) for t in leaked[:5]]
+        if offload:
+            assert all(e.depth == 0 and e.device_flats is None for e in placement._entries.values())
+            assert not any(s.bound for s in swap.slots)
+    finally:
+        handle.remove()
+    try:
+        again = _generate(pipe).frames
+    finally:
+        if offload:
+            placement.remove()
+            pipe.placement = Placement()
+    assert torch.equal(again, good)
