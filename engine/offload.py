@@ -563,6 +563,7 @@ class ComponentOffload(Placement):
                  vae_tiling: Tiling | None = None, swap: BlockSwap | None = None):
         self.device = torch.device(device)
         self.vae_tiling, self.swap = vae_tiling, swap
+        self.pipeline = None                  # set by apply_plan: remove() restores its default placement
         self._entries: dict[int, _Offloaded] = {}
         pin = self.device.type == "cuda"
         with torch.no_grad(), torch.inference_mode(False):
@@ -632,6 +633,8 @@ class ComponentOffload(Placement):
         if self.swap is not None:
             self.swap.remove()
             self.swap = None
+        if getattr(self.pipeline, "placement", None) is self:
+            self.pipeline.placement = Placement()
 
     def describe(self) -> str:
         parts = [f"offloaded to pinned host memory: {', '.join(self.offloaded)}" if self._entries else
@@ -685,3 +688,373 @@ def oom_message(failure: str | None, stage: str, size: tuple[int, int], options,
     if clip_len > 41:
         fixes.append("a shorter --clip-len such as 41 (fewer tokens per DiT step)")
     return head + " To fit, try: " + "; ".join(fixes) + ". The engine is still healthy and can take the next request."
+
+
+# ----------------------------------------------------------------------------------------------
+# What each component weighs (counted on meta-built modules, so exact for any config)
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+        if name not in ("bfloat16", "float16", "float32"):
+            raise ValidationError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+        return name
+    return str(dtype).replace("torch.", "")
+
+
+def quant_available() -> bool:
+    """Whether wanimate.quant (written on another branch) provides the module swaps."""
+    try:
+        from ..quant import QuantConfig, convert_for_runtime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _bytes(module: nn.Module, float_dtype: torch.dtype | None = None) -> int:
+    """Parameter + buffer bytes; floating tensors counted at float_dtype when given (the model is
+    built in fp32 on meta and cast at load time), others (fp8/int8 storage, scales) as they are."""
+    total = 0
+    for _, _, _, t in _owned_tensors(module):
+        size = t.element_size()
+        if float_dtype is not None and t.dtype == torch.float32:
+            size = torch.empty((), dtype=float_dtype).element_size()
+        total += t.numel() * size
+    return total
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """Bytes of weights per component, as loaded (DiT in the compute dtype or quantized, T5 in the
+    compute dtype, CLIP fp16, VAE fp32: engine/components.py)."""
+    dit_base: int                 # everything of the DiT outside its blocks and face blocks
+    block: int                    # one transformer block (they are all the same size)
+    num_blocks: int
+    face_block: int
+    num_face_blocks: int
+    text_encoder: int
+    clip: int
+    vae: int
+    source: str = "parameter bytes of meta-built modules"
+
+    @property
+    def dit(self) -> int:
+        return self.dit_base + self.block * self.num_blocks + self.face_block * self.num_face_blocks
+
+    def component(self, name: str) -> int:
+        return {"text_encoder": self.text_encoder, "clip": self.clip, "vae": self.vae}[name]
+
+
+def component_sizes(config: ModelConfig, dtype: torch.dtype | str = torch.bfloat16,
+                    quant: str | None = None) -> ComponentSizes:
+    from .clip import CLIPVisual
+    from .loader import build_dit
+    from .text import T5Encoder
+    from .vae import WanVAE
+
+    compute = getattr(torch, _dtype_name(dtype))
+    dit = build_dit(config.dit)
+    if quant is not None:
+        if not quant_available():
+            raise ValidationError(f"--quant {quant} needs wanimate.quant, which this installation does not have")
+        from ..quant import QuantConfig, convert_for_runtime
+        convert_for_runtime(dit, QuantConfig(quant), device="meta")
+    block = max(_bytes(b, compute) for b in dit.blocks)
+    faces = list(dit.face_adapter.fuser_blocks)
+    face = max((_bytes(f, compute) for f in faces), default=0)
+    base = _bytes(dit, compute) - sum(_bytes(b, compute) for b in dit.blocks) - sum(_bytes(f, compute) for f in faces)
+    with torch.device("meta"):
+        t5, clip, vae = T5Encoder(config.t5), CLIPVisual(config.clip), WanVAE(config.vae)
+    small = compute if compute == torch.float32 else torch.float16     # CLIP runs in fp16 officially
+    return ComponentSizes(base, block, len(dit.blocks), face, len(faces), _bytes(t5, compute), _bytes(clip, small),
+                          _bytes(vae, torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transient memory: the memory model
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak transient bytes of each phase, beyond the weights.
+
+    Defaults: a live-tensor trace of this engine's code at the real 14B/VAE shapes on the meta
+    device (every tensor an op creates is counted until it is freed; attention counted as its
+    output only, as flash/efficient SDPA keep no score matrix). Run on 2026-11-22 (tests/../
+    bench/vram_matrix.py --trace reproduces it):
+      DiT denoise(), per token per model dim per batch element: bf16 30.0 B (peak inside apply_rope:
+        the fp32 rotation temporaries), fp32 33.6 B (peak at the FFN GELU). Same at 480p and 720p.
+      VAE decode step (fp32), per output pixel: 25110 B untiled, the causal cache included; with the
+        default 32/8 latent tiling 21400 B (every tile keeps its own cache, so tiling saves little).
+        Independent of the frame count (5, 17, 77, 385 frames give the same peak).
+      VAE encode (fp32), per input pixel: 15650 B untiled, 12720 B tiled, plus the input video.
+    `overhead` covers the caching allocator's rounding and fragmentation on transient peaks.
+    bench/vram_matrix.py measures the same quantities on the GPU (torch.cuda.max_memory_allocated)
+    and writes them as a MemoryModel JSON, which `from_json` loads; the measured values replace
+    these defaults once taken."""
+
+    dit_act_per_token_dim: tuple[tuple[str, float], ...] = (("bfloat16", 30.0), ("float16", 30.0), ("float32", 33.6))
+    vae_decode_per_px: float = 25110.0
+    vae_decode_tiled_per_px: float = 21400.0
+    vae_encode_per_px: float = 15650.0
+    vae_encode_tiled_per_px: float = 12720.0
+    t5_act: float = 0.25 * GiB
+    clip_act: float = 0.05 * GiB
+    overhead: float = 1.10
+    source: str = "live-tensor trace on the meta device (engine code at 14B shapes), 2026-11-22"
+
+    def dit_act(self, dtype: str) -> float:
+        return dict(self.dit_act_per_token_dim).get(dtype, max(v for _, v in self.dit_act_per_token_dim))
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict | str | Path) -> "MemoryModel":
+        if not isinstance(data, dict):
+            data = json.loads(Path(data).read_text())
+        data = data.get("memory_model", data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "dit_act_per_token_dim" in kwargs:
+            value = kwargs["dit_act_per_token_dim"]
+            kwargs["dit_act_per_token_dim"] = tuple((k, float(v)) for k, v in
+                                                    (value.items() if isinstance(value, dict) else value))
+        return cls(**kwargs)
+
+
+RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
+
+
+def parse_resolution(resolution: str | tuple[int, int]) -> tuple[int, int]:
+    """'480p' | '720p' | 'WxH' (e.g. '832x480') | (height, width) -> (height, width)."""
+    if isinstance(resolution, tuple):
+        h, w = resolution
+    elif isinstance(resolution, str) and resolution.lower() in RESOLUTIONS:
+        return RESOLUTIONS[resolution.lower()]
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(resolution))
+        if not m:
+            raise ValidationError(f"resolution must be 480p, 720p or WxH such as 832x480, got {resolution!r}")
+        w, h = int(m[1]), int(m[2])
+    if h <= 0 or w <= 0 or h % 16 or w % 16:
+        raise ValidationError(f"resolution {w}x{h}: width and height must be positive multiples of 16")
+    return h, w
+
+
+def dit_tokens(cfg: DiTConfig, size: tuple[int, int], frames: int) -> int:
+    """Tokens of one DiT forward: (latent frames + the reference frame) x (H/16) x (W/16)."""
+    h, w = size
+    pt, ph, pw = cfg.patch_size
+    return ((frames - 1) // 4 + 2) // pt * (h // 8 // ph) * (w // 8 // pw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+OFFLOADABLE = ("text_encoder", "clip", "vae")
+
+
+@dataclass(frozen=True)
+class VRAMPlan:
+    budget_bytes: int
+    size: tuple[int, int]                        # (height, width)
+    frames: int
+    dtype: str
+    quant: str | None
+    batch: int
+    num_blocks: int
+    resident_blocks: int
+    stream_face_blocks: bool
+    offload: tuple[str, ...]
+    vae_tiling: Tiling | None
+    phases: dict                                 # estimated peak bytes per phase
+    headroom: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def streams_blocks(self) -> bool:
+        return self.resident_blocks < self.num_blocks or self.stream_face_blocks
+
+    def summary(self) -> str:
+        h, w = self.size
+        parts = [f"{_gb(self.budget_bytes)} budget at {w}x{h}, {self.frames} frames, {self.dtype}"
+                 + (f" + {self.quant}" if self.quant else ""),
+                 f"DiT blocks resident {self.resident_blocks}/{self.num_blocks}"
+                 + (", face blocks streamed" if self.stream_face_blocks else ""),
+                 "offloaded: " + (", ".join(self.offload) if self.offload else "nothing")]
+        if self.vae_tiling is not None:
+            parts.append(f"VAE tiled {self.vae_tiling.size}/{self.vae_tiling.overlap}")
+        top = max(self.phases, key=self.phases.get)
+        parts.append(f"estimated peak {_gb(self.peak_bytes)} ({top})")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["vae_tiling"] = dataclasses.asdict(self.vae_tiling) if self.vae_tiling else None
+        d["peak_bytes"] = self.peak_bytes
+        return d
+
+
+def headroom(budget_bytes: int) -> int:
+    """Kept free under the budget for what the model does not count (cuBLAS workspaces, small
+    per-request tensors, allocator slack)."""
+    return int(max(0.5 * GiB, 0.03 * budget_bytes))
+
+
+def estimate_phases(sizes: ComponentSizes, mem: MemoryModel, cfg: ModelConfig, size: tuple[int, int], frames: int,
+                    dtype: str, batch: int, resident: int, stream_face: bool, offload: Sequence[str],
+                    tiling: Tiling | None) -> dict[str, int]:
+    """Peak bytes of each phase of a request: the resident weights plus that phase's transients."""
+    h, w = size
+    px = h * w
+    d = cfg.dit
+    elt = 4 if dtype == "float32" else 2
+    streamed = sizes.num_blocks - resident
+    slots = 2 * max(sizes.block if streamed else 0, sizes.face_block if stream_face else 0)
+    if streamed == 1 and not stream_face:
+        slots = sizes.block
+    weights = (sizes.dit_base + resident * sizes.block + (0 if stream_face else sizes.face_block * sizes.num_face_blocks)
+               + slots + sum(sizes.component(c) for c in OFFLOADABLE if c not in offload))
+    on_call = {c: (sizes.component(c) if c in offload else 0) for c in OFFLOADABLE}
+    # Held through a segment: pose and face pixel batches in the compute dtype, the request's context tokens.
+    segment = frames * 3 * elt * (px + d.motion_size ** 2) + 2 * (d.text_len + d.image_tokens) * d.dim * elt
+    tokens = dit_tokens(d, size, frames)
+    cond = batch * (d.num_layers * 2 * (d.text_len + d.image_tokens) * d.dim * elt   # cross-attention K/V
+                    + tokens * d.dim * elt                                              # pose tokens
+                    + tokens * d.head_dim * 4)                                          # RoPE cos/sin
+    dit_act = mem.dit_act(dtype) * tokens * d.dim * batch
+    enc = (mem.vae_encode_tiled_per_px if tiling else mem.vae_encode_per_px) * px + frames * px * 3 * 4
+    dec = (mem.vae_decode_tiled_per_px if tiling else mem.vae_decode_per_px) * px
+    o = mem.overhead
+    return {
+        "text encoder": int(weights + on_call["text_encoder"] + o * mem.t5_act),
+        "reference (CLIP)": int(weights + on_call["clip"] + o * mem.clip_act),
+        "VAE encode": int(weights + segment + on_call["vae"] + o * enc),
+        "DiT step": int(weights + segment + cond + o * dit_act),
+        "VAE decode": int(weights + segment + on_call["vae"] + o * dec),
+    }
+
+
+def plan_vram(budget_bytes: int | str, config: ModelConfig, resolution: str | tuple[int, int], frames: int = 77,
+              dtype: torch.dtype | str = torch.bfloat16, quant: str | None = None, *, batch: int = 1,
+              memory: MemoryModel | None = None, sizes: ComponentSizes | None = None) -> VRAMPlan:
+    """Choose how to run within `budget_bytes` of device memory: how many DiT blocks stay resident,
+    which components are offloaded, whether the VAE is tiled. Preference: everything resident;
+    then offload T5, CLIP, the VAE (cheap: T5 and CLIP run once per request, a VAE move is ~0.5 GB
+    per call) keeping as many blocks resident as fit; then stream the face blocks too; then tile
+    the VAE (the only step that changes numerics). Raises ResourceExhausted, naming what would
+    fit, when nothing does. `batch` is 2 for guidance with both passes in one batch."""
+    budget = parse_budget(budget_bytes) if isinstance(budget_bytes, str) else int(budget_bytes)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 5 or (frames - 1) % 4:
+        raise ValidationError(f"frames must be 4n+1 (5, 9, ..., 77), got {frames!r}")
+    if batch not in (1, 2):
+        raise ValidationError(f"batch must be 1 or 2 (guidance in one batch), got {batch!r}")
+    dname = _dtype_name(dtype)
+    size = parse_resolution(resolution)
+    sizes = sizes or component_sizes(config, dname, quant)
+    mem = memory or MemoryModel()
+    room = headroom(budget)
+    usable = budget - room
+    n = sizes.num_blocks
+
+    def phases(k, face, offload, tiling):
+        return estimate_phases(sizes, mem, config, size, frames, dname, batch, k, face, offload, tiling)
+
+    def most_resident(face, offload, tiling):
+        for k in range(n, -1, -1):
+            if max(phases(k, face, offload, tiling).values()) <= usable:
+                return k
+        return None
+
+    def plan(k, face, offload, tiling):
+        return VRAMPlan(budget, size, frames, dname, quant, batch, n, k, face, tuple(offload), tiling,
+                        phases(k, face, offload, tiling), room)
+
+    best = None
+    for i in range(len(OFFLOADABLE) + 1):
+        offload = OFFLOADABLE[:i]
+        k = most_resident(False, offload, None)
+        if k == n:
+            return plan(k, False, offload, None)
+        if k is not None and (best is None or k > best[0]):
+            best = (k, offload)
+    if best is not None:
+        return plan(best[0], False, best[1], None)
+    for tiling in (None, Tiling()):
+        k = most_resident(True, OFFLOADABLE, tiling)
+        if k is not None:
+            return plan(k, True, OFFLOADABLE, tiling)
+    raise ResourceExhausted(_no_fit_message(budget, config, size, frames, dname, quant, batch, mem, sizes))
+
+
+def min_vram(config: ModelConfig, resolution, frames: int = 77, dtype="bf16", quant: str | None = None, *,
+             batch: int = 1, memory: MemoryModel | None = None, sizes: ComponentSizes | None = None) -> tuple[int, str]:
+    """(bytes of budget needed, the phase that needs it) with everything streamed and offloaded."""
+    dname = _dtype_name(dtype)
+    size = parse_resolution(resolution)
+    sizes = sizes or component_sizes(config, dname, quant)
+    ph = estimate_phases(sizes, memory or MemoryModel(), config, size, frames, dname, batch, 0, True, OFFLOADABLE,
+                         Tiling())
+    top = max(ph, key=ph.get)
+    need = ph[top]
+    budget = need + headroom(need)
+    while budget - headroom(budget) < need:          # headroom grows with the budget
+        budget += GiB // 8
+    return budget, top
+
+
+def _no_fit_message(budget, config, size, frames, dname, quant, batch, mem, sizes) -> str:
+    h, w = size
+    need, phase = min_vram(config, size, frames, dname, quant, batch=batch, memory=mem, sizes=sizes)
+    name = next((k for k, v in RESOLUTIONS.items() if v == size), f"{w}x{h}")
+    what = f"{name} ({w}x{h}), {frames}-frame segments, {dname}" + (f" + {quant}" if quant else "")
+    tries = []
+    if h * w > RESOLUTIONS["480p"][0] * RESOLUTIONS["480p"][1]:
+        n480, _ = min_vram(config, "480p", frames, dname, quant, batch=batch, memory=mem,
+                           sizes=sizes)
+        tries.append(f"480p (needs {_gb(n480)})")
+    if quant is None and quant_available() and dname != "float32":
+        nfp8, _ = min_vram(config, size, frames, dname, "fp8", batch=batch, memory=mem)
+        tries.append(f"--quant fp8 (needs {_gb(nfp8)})")
+    if batch == 2:
+        n1, _ = min_vram(config, size, frames, dname, quant, batch=1, memory=mem, sizes=sizes)
+        tries.append(f"the two guidance passes one after the other (needs {_gb(n1)})")
+    if frames > 41 and phase == "DiT step":
+        n41, _ = min_vram(config, size, 41, dname, quant, batch=batch, memory=mem, sizes=sizes)
+        tries.append(f"--clip-len 41 (needs {_gb(n41)})")
+    tries.append(f"--vram-budget {math.ceil(need / GB)}GB")
+    return (f"{_gb(budget)} of VRAM is not enough for {what}: it needs {_gb(need)} even with every DiT block "
+            f"streamed from host memory and T5, CLIP and the VAE offloaded (the {phase} is the largest phase). "
+            f"Try " + ", or ".join(tries) + ".")
+
+
+def apply_plan(pipeline, plan: VRAMPlan, *, transport: str | object = "auto") -> ComponentOffload:
+    """Apply a plan to a Pipeline whose weights may be anywhere (load them on the CPU for budgets
+    below the model's size): stream the DiT's blocks as planned, keep the offloaded components in
+    pinned host memory, move everything else to `pipeline.device`, and install the placement the
+    pipeline calls around T5/CLIP/VAE. Returns the placement; `.remove()` undoes all of it."""
+    device = pipeline.device
+    dit = pipeline.dit
+    if len(dit.blocks) != plan.num_blocks:
+        raise ValidationError(f"the plan is for {plan.num_blocks} DiT blocks, the pipeline has {len(dit.blocks)}")
+    swap = None
+    if plan.streams_blocks:
+        swap = apply_block_swap(dit, plan.resident_blocks, device, stream_face_blocks=plan.stream_face_blocks,
+                                transport=transport)
+    else:
+        dit.to(device)
+    components = {"text_encoder": pipeline.text_encoder, "clip": pipeline.clip, "vae": pipeline.vae}
+    for name, module in components.items():
+        if module is not None and name not in plan.offload:
+            module.to(device)
+    placement = ComponentOffload({n: components[n] for n in plan.offload if components[n] is not None}, device,
+                                 vae_tiling=plan.vae_tiling, swap=swap)
+    placement.pipeline = pipeline
+    pipeline.placement = placement
+    return placement

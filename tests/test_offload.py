@@ -336,6 +336,12 @@ def tiny_pipe():
     return embedded_pipeline()
 
 
+@pytest.fixture(scope="module")
+def good_frames(tiny_pipe):
+    """The tiny pipeline's output for the standard request, everything resident."""
+    return _generate(tiny_pipe).frames
+
+
 def _request(n=5, size=32, seed=0):
     from wanimate.engine.pipeline import ArraySource
     rng = np.random.default_rng(seed)
@@ -383,9 +389,8 @@ def _inject_oom(module, at_call):
 
 
 @pytest.mark.parametrize("where,offload", [("dit", False), ("vae", True)])
-def test_oom_recovery_leaves_the_pipeline_healthy(tiny_pipe, where, offload):
-    pipe = tiny_pipe
-    good = _generate(pipe).frames
+def test_oom_recovery_leaves_the_pipeline_healthy(tiny_pipe, good_frames, where, offload):
+    pipe, good = tiny_pipe, good_frames
     placement = None
     if offload:
         swap = apply_block_swap(pipe.dit, 2, "cpu")
@@ -420,3 +425,118 @@ def test_oom_recovery_leaves_the_pipeline_healthy(tiny_pipe, where, offload):
             placement.remove()
             pipe.placement = Placement()
     assert torch.equal(again, good)
+
+
+# ----------------------------------------------------------------------------------------------
+# The planner
+
+
+@pytest.fixture(scope="module")
+def sizes14b():
+    from wanimate.engine.offload import component_sizes
+    return component_sizes(preset("14b"), "bf16")
+
+
+def test_component_sizes_match_the_manifest(sizes14b):
+    """Weights as counted on meta-built modules: 17.27B DiT parameters in bf16 (reference manifest)."""
+    s = sizes14b
+    assert s.num_blocks == 40 and s.num_face_blocks == 8
+    assert s.block == 403_838_464 * 2 and s.face_block == 104_878_336 * 2
+    assert 0 <= s.dit - 17_274_816_884 * 2 < 1024            # + the motion encoder's blur-kernel buffers
+    assert 11.3e9 < s.text_encoder < 11.4e9 and 1.2e9 < s.clip < 1.25e9 and 0.5e9 < s.vae < 0.52e9
+
+
+def test_plan_everything_resident_when_it_fits(sizes14b):
+    from wanimate.engine.offload import plan_vram
+    p = plan_vram(80 * 10**9, preset("14b"), "480p", sizes=sizes14b)
+    assert p.resident_blocks == 40 and not p.streams_blocks and p.offload == () and p.vae_tiling is None
+    assert p.peak_bytes <= p.budget_bytes - p.headroom
+    assert "40/40" in p.summary() and p.to_dict()["peak_bytes"] == p.peak_bytes
+
+
+def test_plan_24gb_480p_streams_and_offloads(sizes14b):
+    from wanimate.engine.offload import plan_vram
+    p = plan_vram("24GB", preset("14b"), "480p", sizes=sizes14b)
+    assert p.streams_blocks and "text_encoder" in p.offload and 0 < p.resident_blocks < 40
+    assert p.peak_bytes <= p.budget_bytes - p.headroom
+    # Greedy but not wasteful: one more resident block would not fit.
+    from wanimate.engine.offload import MemoryModel, estimate_phases
+    more = estimate_phases(sizes14b, MemoryModel(), preset("14b"), p.size, p.frames, p.dtype, p.batch,
+                           p.resident_blocks + 1, p.stream_face_blocks, p.offload, p.vae_tiling)
+    assert max(more.values()) > p.budget_bytes - p.headroom
+
+
+def test_plan_is_monotone_in_budget(sizes14b):
+    from wanimate.engine.offload import plan_vram
+    ks = [plan_vram(b * 10**9, preset("14b"), "480p", sizes=sizes14b).resident_blocks for b in range(16, 90, 4)]
+    assert ks == sorted(ks) and ks[0] < 40 == ks[-1]
+
+
+def test_plan_fails_early_naming_what_fits(sizes14b):
+    import re
+    from wanimate.engine.offload import plan_vram
+    with pytest.raises(ResourceExhausted) as e:
+        plan_vram("24GB", preset("14b"), "720p", sizes=sizes14b)
+    msg = str(e.value)
+    assert "720p" in msg and "needs" in msg and "480p (needs" in msg and "VAE decode" in msg
+    need = int(re.search(r"--vram-budget (\d+)GB", msg)[1])
+    assert plan_vram(need * 10**9, preset("14b"), "720p", sizes=sizes14b).streams_blocks
+    with pytest.raises(ResourceExhausted):
+        plan_vram((need - 1) * 10**9, preset("14b"), "720p", sizes=sizes14b)
+    n480 = float(re.search(r"480p \(needs ([\d.]+) GB", msg)[1])
+    plan_vram(int((n480 + 0.1) * 1e9), preset("14b"), "480p", sizes=sizes14b)   # the suggestion holds
+    with pytest.raises(ResourceExhausted, match="guidance passes one after the other"):
+        plan_vram("14GB", preset("14b"), "480p", batch=2, sizes=sizes14b)
+
+
+def test_plan_validation(sizes14b):
+    from wanimate.engine.offload import parse_resolution, plan_vram
+    cfg = preset("14b")
+    for kw, match in [(dict(frames=76), "4n\\+1"), (dict(batch=3), "batch"), (dict(dtype="int8"), "dtype"),
+                      (dict(resolution="1080i"), "resolution"), (dict(resolution="833x480"), "multiples of 16")]:
+        args = dict(budget_bytes=40 * 10**9, config=cfg, resolution="480p", sizes=sizes14b) | kw
+        with pytest.raises(ValidationError, match=match):
+            plan_vram(**args)
+    assert parse_resolution("832x480") == (480, 832) == parse_resolution("480p") == parse_resolution((480, 832))
+
+
+def test_memory_model_json_round_trip(tmp_path):
+    from wanimate.engine.offload import MemoryModel
+    m = MemoryModel(vae_decode_per_px=1.0, dit_act_per_token_dim=(("bfloat16", 27.5),), source="test")
+    path = tmp_path / "m.json"
+    path.write_text(__import__("json").dumps({"memory_model": m.to_json()}))
+    assert MemoryModel.from_json(path) == m and m.dit_act("bfloat16") == 27.5
+
+
+def test_memory_model_defaults_match_a_trace_of_the_code():
+    """The DiT activation default must stay what the engine's own code allocates (re-trace at the
+    real 14B shapes on the meta device: a change to model.py that moves the peak shows up here)."""
+    from wanimate.bench.memtrace import trace_dit
+    from wanimate.engine.offload import MemoryModel
+    got = trace_dit(preset("14b").dit, (480, 832), 77, torch.bfloat16)
+    assert got["tokens"] == 32760
+    assert abs(got["per_token_dim"] - MemoryModel().dit_act("bfloat16")) < 0.5
+
+
+def test_apply_plan_to_a_pipeline(tiny_pipe, good_frames):
+    import dataclasses
+    from wanimate.engine.offload import OFFLOADABLE, apply_plan, plan_vram
+    from wanimate.engine.vae import Tiling
+    pipe, good = tiny_pipe, good_frames
+    base = plan_vram(4 * 10**9, TINY, (32, 32), frames=5, dtype=torch.float32)
+    assert base.resident_blocks == len(pipe.dit.blocks) and base.offload == ()
+    plan = dataclasses.replace(base, resident_blocks=2, stream_face_blocks=True, offload=OFFLOADABLE)
+    placement = apply_plan(pipe, plan)
+    try:
+        assert pipe.placement is placement and placement.swap is not None
+        assert "DiT blocks resident 2/5" in placement.describe()
+        assert torch.equal(_generate(pipe).frames, good)
+    finally:
+        placement.remove()
+    assert isinstance(pipe.placement, Placement) and not isinstance(pipe.placement, ComponentOffload)
+    tiled = apply_plan(pipe, dataclasses.replace(base, vae_tiling=Tiling(2, 1)))
+    try:
+        out = _generate(pipe).frames
+    finally:
+        tiled.remove()
+    assert out.shape == good.shape and not torch.equal(out, good)     # the tiling reached the VAE
