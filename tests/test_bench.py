@@ -54,3 +54,21 @@ def test_bench_rejects_bad_options(tmp_path):
         run_bench(smoke=True, compare=("comfy",), out=tmp_path, log=lambda s: None)
     with pytest.raises(ValidationError, match="dtype"):
         run_bench(smoke=True, dtype="int4", out=tmp_path, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_vram_matrix_smoke(tmp_path):
+    from wanimate.bench.vram_matrix import main
+    out = main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "vram_matrix_smoke.json").read_text())
+    rows = data["rows"]
+    assert [r["status"] for r in rows if r["status"] != "ok"] == []
+    dit = [r for r in rows if r["kind"] == "dit"]
+    assert len(dit) == 7 and all(r["bitwise_equal"] for r in dit)
+    assert {r["resident_blocks"] for r in dit} == {5, 3, 1}
+    assert any(r["transport"] == "same-stream" for r in dit)
+    decodes = [r for r in rows if r["kind"] == "vae" and r["name"].startswith("decode") and not r["tiled"]]
+    assert sorted({r["frames_out"] for r in decodes}) == [5, 13]
+    pipe = [r for r in rows if r["kind"] == "pipeline"]
+    assert len(pipe) == 1 and pipe[0]["generate_s"] > 0 and "offloaded" in pipe[0]["placement"]
+    assert out["total_s"] > 0 and ("fp8" in data or any(r["name"].startswith("fp8") for r in rows))
