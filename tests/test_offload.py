@@ -540,3 +540,24 @@ def test_apply_plan_to_a_pipeline(tiny_pipe, good_frames):
     finally:
         tiled.remove()
     assert out.shape == good.shape and not torch.equal(out, good)     # the tiling reached the VAE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_swap_on_cuda_is_bitwise(dtype):
+    from wanimate.engine.offload import CudaStreamTransport
+    model = recipe_dit(TINY.dit, 1234, dtype=dtype)
+    x = {k: v.cuda() for k, v in _inputs(model).items()}
+    model.to("cuda")
+    ref = _run(model, x, steps=3)
+    swap = apply_block_swap(model, 1, "cuda", stream_face_blocks=True)
+    try:
+        assert isinstance(swap.transport, CudaStreamTransport)
+        assert all(a.is_pinned() for a in swap._arenas)
+        got = _run(model, x, steps=3)
+        torch.cuda.synchronize()
+    finally:
+        swap.remove()
+    assert all(_same_bits(g.cpu(), r.cpu()) for g, r in zip(got, ref))
+    assert swap.stats.copies > len(swap.units) and all(p.is_cuda for p in model.parameters())
