@@ -56,7 +56,10 @@ _UNITS = {"": GB, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb
 
 def parse_budget(text: str | int | float) -> int:
     """'24GB' -> 24 * 10^9 bytes. Units: B, KB/KiB, MB/MiB, GB/GiB, TB/TiB (decimal GB, binary GiB,
-    case-insensitive); a bare number means GB. An int passes through as bytes."""
+    case-insensitive); a bare number means GB. An int passes through as bytes.
+
+    The budget is what PyTorch's allocator may hold. A "24 GB" card has 24 GiB, of which the CUDA
+    context takes 0.5-1 GiB, so --vram-budget 24GB (22.4 GiB) fits it with room to spare."""
     if isinstance(text, bool):
         raise ValidationError(f"--vram-budget must be a size such as 24GB, got {text!r}")
     if isinstance(text, int):
