@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from wanimate.engine.errors import ResourceExhausted
+
 VIDEO_FPS = 30                       # the official sample_fps (reference NOTES §1)
 SMOKE_SIZE, SMOKE_FRAMES = (32, 32), 5
 
@@ -365,6 +367,8 @@ class Runner:
             row.telemetry = self.telemetry.read()
         except torch.cuda.OutOfMemoryError as e:
             failure = str(e).split("\n")[0]
+        except ResourceExhausted as e:                        # generate() turns its own OOM into this
+            failure = str(e)
         if failure is not None:
             recover(self.device)
             row.note = f"out of memory: {failure}"
