@@ -1023,8 +1023,11 @@ def _no_fit_message(budget, config, size, frames, dname, quant, batch, mem, size
                            sizes=sizes)
         tries.append(f"480p (needs {_gb(n480)})")
     if quant is None and quant_available() and dname != "float32":
-        nfp8, _ = min_vram(config, size, frames, dname, "fp8", batch=batch, memory=mem)
-        tries.append(f"--quant fp8 (needs {_gb(nfp8)})")
+        try:
+            nfp8, _ = min_vram(config, size, frames, dname, "fp8", batch=batch, memory=mem)
+            tries.append(f"--quant fp8 (needs {_gb(nfp8)})")
+        except (ValidationError, ImportError, TypeError, AttributeError):
+            pass                                    # the quantized sizes cannot be built here: no suggestion
     if batch == 2:
         n1, _ = min_vram(config, size, frames, dname, quant, batch=1, memory=mem, sizes=sizes)
         tries.append(f"the two guidance passes one after the other (needs {_gb(n1)})")
@@ -1061,3 +1064,32 @@ def apply_plan(pipeline, plan: VRAMPlan, *, transport: str | object = "auto") ->
     placement.pipeline = pipeline
     pipeline.placement = placement
     return placement
+
+
+def pipeline_sizes(pipeline) -> ComponentSizes:
+    """ComponentSizes of a loaded pipeline, from its actual tensors (quantized or not)."""
+    dit = pipeline.dit
+    faces = list(dit.face_adapter.fuser_blocks)
+    blocks = [_bytes(b) for b in dit.blocks]
+    face = [_bytes(f) for f in faces]
+    base = _bytes(dit) - sum(blocks) - sum(face)
+    size = lambda m: _bytes(m) if m is not None else 0
+    return ComponentSizes(base, max(blocks), len(blocks), max(face, default=0), len(faces), size(pipeline.text_encoder),
+                          size(pipeline.clip), size(pipeline.vae), source="tensors of the loaded pipeline")
+
+
+def apply_budget(pipeline, budget: int | str, size: tuple[int, int], options, *, memory: MemoryModel | None = None,
+                 log: Callable[[str], None] | None = None) -> ComponentOffload:
+    """The --vram-budget path of `wanimate run`: plan for this request (its size, clip_len and
+    guidance batch) from the loaded pipeline's own tensor sizes, then apply the plan. Raises
+    ResourceExhausted before any heavy work when the request cannot fit."""
+    guided = getattr(options, "guide_scale", 1.0) > 1
+    batch = 2 if guided and getattr(options, "batch_cfg", True) else 1
+    from .config import T5Config
+    config = ModelConfig(name="loaded", dit=pipeline.dit.cfg, vae=pipeline.vae.config,
+                         t5=getattr(pipeline.text_encoder, "config", None) or T5Config(), clip=pipeline.clip.config)
+    plan = plan_vram(budget, config, size, options.clip_len, pipeline.dtype, None, batch=batch, memory=memory,
+                     sizes=pipeline_sizes(pipeline))
+    if log is not None:
+        log(f"VRAM plan: {plan.summary()}")
+    return apply_plan(pipeline, plan)

@@ -419,6 +419,7 @@ class Pipeline:
                 note(f"seg{k}.latents_after_step", latents[0])
                 if progress:
                     progress(f"segment {k + 1}/{len(plan.segments)}", i + 1, schedule.steps)
+            cond = cond_null = None       # the cross-attention K/V and pose tokens (~1 GB at 480p) are done
 
             # Decode, streamed: drop the frames that duplicate the previous segment's tail, keep
             # the last refert_num decoded frames to condition the next segment.

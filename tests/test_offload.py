@@ -561,3 +561,19 @@ def test_block_swap_on_cuda_is_bitwise(dtype):
         swap.remove()
     assert all(_same_bits(g.cpu(), r.cpu()) for g, r in zip(got, ref))
     assert swap.stats.copies > len(swap.units) and all(p.is_cuda for p in model.parameters())
+
+
+def test_apply_budget_plans_from_the_loaded_pipeline(tiny_pipe):
+    from wanimate.engine.offload import apply_budget, pipeline_sizes
+    from wanimate.engine.pipeline import GenerateOptions
+    sizes = pipeline_sizes(tiny_pipe)
+    assert sizes.num_blocks == 5 and sizes.block == sum(p.numel() * 4 for p in tiny_pipe.dit.blocks[0].parameters())
+    assert sizes.dit == sum(t.numel() * t.element_size() for t in [*tiny_pipe.dit.parameters(), *tiny_pipe.dit.buffers()])
+    lines = []
+    placement = apply_budget(tiny_pipe, "8GB", (32, 32), GenerateOptions(clip_len=5, guide_scale=2.0), log=lines.append)
+    try:
+        assert "40" not in lines[0] and "5/5" in lines[0] and tiny_pipe.placement is placement
+    finally:
+        placement.remove()
+    with pytest.raises(ResourceExhausted, match="not enough"):
+        apply_budget(tiny_pipe, 10**8, (32, 32), GenerateOptions(clip_len=5))
