@@ -86,8 +86,8 @@ def build_random(factory: Callable[[], nn.Module], device, dtype: torch.dtype, s
     with torch.device("meta"):
         module = factory()
     module = module.to(dtype)
-    for name, p in module.named_parameters():
-        if keep_fp32 and any(k in name.split(".") for k in keep_fp32):
+    for name, p in [*module.named_parameters(), *module.named_buffers()]:
+        if keep_fp32 and any(k in name.split(".") for k in keep_fp32) and p.is_floating_point():
             p.data = p.data.float()
     module = module.to_empty(device=device)
     return init_random_(module, seed, std).eval().requires_grad_(False)
