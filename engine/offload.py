@@ -784,8 +784,8 @@ class MemoryModel:
 
     Defaults: a live-tensor trace of this engine's code at the real 14B/VAE shapes on the meta
     device (every tensor an op creates is counted until it is freed; attention counted as its
-    output only, as flash/efficient SDPA keep no score matrix). Run on 2026-11-22 (tests/../
-    bench/vram_matrix.py --trace reproduces it):
+    output only, as flash/efficient SDPA keep no score matrix). Run on 2026-11-22;
+    `python -m wanimate.bench.memtrace` reproduces it:
       DiT denoise(), per token per model dim per batch element: bf16 30.0 B (peak inside apply_rope:
         the fp32 rotation temporaries), fp32 33.6 B (peak at the FFN GELU). Same at 480p and 720p.
       VAE decode step (fp32), per output pixel: 25110 B untiled, the causal cache included; with the

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 
-@pytest.mark.slow
 def test_bench_smoke_end_to_end(tmp_path):
     from wanimate.bench.bench import run_bench
     try:
@@ -56,7 +55,6 @@ def test_bench_rejects_bad_options(tmp_path):
         run_bench(smoke=True, dtype="int4", out=tmp_path, log=lambda s: None)
 
 
-@pytest.mark.slow
 def test_vram_matrix_smoke(tmp_path):
     from wanimate.bench.vram_matrix import main
     out = main(["--smoke", "--out", str(tmp_path)])
