@@ -134,17 +134,20 @@ def _exists_or_convert(path: Path, ckpt_dir: Path, name: str) -> None:
 
 
 def load_pipeline(ckpt_dir: Path, *, device="cuda", dtype=torch.bfloat16,
-                  progress: Callable[[str], None] | None = None) -> Pipeline:
-    """The full model set from a checkpoint folder, in the official precisions."""
+                  progress: Callable[[str], None] | None = None, weights_device=None) -> Pipeline:
+    """The full model set from a checkpoint folder, in the official precisions. The pipeline
+    computes on `device`; the weights are loaded onto `weights_device` (default: `device`). Under a
+    VRAM budget load them on the CPU and let engine.offload.apply_budget place them."""
     say = progress or (lambda s: None)
+    where = device if weights_device is None else weights_device
     say("loading the DiT")
-    dit = load_dit(ckpt_dir, dtype=dtype, device=device, progress=progress)
+    dit = load_dit(ckpt_dir, dtype=dtype, device=where, progress=progress)
     say("loading umT5")
-    t5, tokenizer = load_t5(ckpt_dir, dtype=dtype, device=device)
+    t5, tokenizer = load_t5(ckpt_dir, dtype=dtype, device=where)
     say("loading CLIP")
-    clip = load_clip(ckpt_dir, dtype=torch.float16 if dtype != torch.float32 else dtype, device=device)
+    clip = load_clip(ckpt_dir, dtype=torch.float16 if dtype != torch.float32 else dtype, device=where)
     say("loading the VAE")
-    vae = load_vae(ckpt_dir, device=device)
+    vae = load_vae(ckpt_dir, device=where)
     return Pipeline(dit, vae, clip, text_encoder=t5, tokenizer=tokenizer, device=device)
 
 

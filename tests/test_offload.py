@@ -577,3 +577,16 @@ def test_apply_budget_plans_from_the_loaded_pipeline(tiny_pipe):
         placement.remove()
     with pytest.raises(ResourceExhausted, match="not enough"):
         apply_budget(tiny_pipe, 10**8, (32, 32), GenerateOptions(clip_len=5))
+
+
+def test_pipeline_computes_on_its_device_with_weights_elsewhere(tiny_pipe, good_frames):
+    """apply_budget places weights that were loaded elsewhere (load_pipeline(weights_device=...))."""
+    from wanimate.engine.offload import apply_budget
+    from wanimate.engine.pipeline import GenerateOptions, Pipeline
+    pipe = Pipeline(tiny_pipe.dit, tiny_pipe.vae, tiny_pipe.clip, text_encoder=tiny_pipe.text_encoder,
+                    tokenizer=tiny_pipe.tokenizer, device="cpu")
+    placement = apply_budget(pipe, "2GB", (32, 32), GenerateOptions(clip_len=5))
+    try:
+        assert torch.equal(_generate(pipe).frames, good_frames)
+    finally:
+        placement.remove()
