@@ -29,7 +29,6 @@ Writes bench_<...>.json (and .png with matplotlib) to --out, else $OUT, else ./b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math

@@ -31,7 +31,7 @@ import gc
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -709,7 +709,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 def quant_available() -> bool:
     """Whether wanimate.quant (written on another branch) provides the module swaps."""
     try:
-        from ..quant import QuantConfig, convert_for_runtime  # noqa: F401
+        from ..quant import QuantConfig, convert_for_runtime  # noqa: F401  (the API this module uses)
     except ImportError:
         return False
     return True

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 
 def test_bench_smoke_end_to_end(tmp_path):
     from wanimate.bench.bench import run_bench
     try:
-        import diffusers  # noqa: F401
+        import diffusers  # noqa: F401  (--compare diffusers needs it)
         compare = ("diffusers",)
     except ImportError:
         compare = ()

@@ -13,7 +13,7 @@ from wanimate.engine.config import preset
 from wanimate.engine.errors import ResourceExhausted, ValidationError
 from wanimate.engine.loader import recipe_dit
 from wanimate.engine.offload import (
-    BlockSwap, ComponentOffload, Placement, _group_for_arenas, _pow2ceil, apply_block_swap, dit_units,
+    ComponentOffload, Placement, _group_for_arenas, _pow2ceil, apply_block_swap, dit_units,
     parse_budget, streamed_block_indices,
 )
 
