@@ -6,6 +6,7 @@ import json
 import pytest
 
 
+@pytest.mark.slow
 def test_bench_smoke_end_to_end(tmp_path):
     from wanimate.bench.bench import run_bench
     try:
@@ -54,6 +55,7 @@ def test_bench_rejects_bad_options(tmp_path):
         run_bench(smoke=True, dtype="int4", out=tmp_path, log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_vram_matrix_smoke(tmp_path):
     from wanimate.bench.vram_matrix import main
     out = main(["--smoke", "--out", str(tmp_path)])
