@@ -392,9 +392,8 @@ class Runner:
 
 
 def recover(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    from wanimate.engine.offload import release_memory
+    release_memory(device)
 
 
 def format_row(row: Row) -> str:
