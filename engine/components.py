@@ -146,20 +146,24 @@ def load_relighting_lora(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pipeline(ckpt_dir: Path, *, device="cuda", dtype=torch.bfloat16, relighting_lora: bool = False,
-                  quant: str | None = None, progress: Callable[[str], None] | None = None) -> Pipeline:
+                  quant: str | None = None, progress: Callable[[str], None] | None = None,
+                  weights_device=None) -> Pipeline:
     """The full model set from a checkpoint folder, in the official precisions. The relighting
     LoRA (replace mode) is merged into the DiT weights once, exactly in fp32 (the official keeps
     it unmerged: extra matmuls at every step). `quant` applies a weight scheme after the merge
     ('fp8', 'int8', 'int8_wo', 'nf4'; see quant/). A folder written by `wanimate quantize` loads
-    its quantized weights directly."""
+    its quantized weights directly. The pipeline computes on `device`; the weights are loaded onto
+    `weights_device` (default: `device`): under a VRAM budget load them on the CPU and let
+    engine.offload.apply_budget place them."""
     from ..quant.checkpoint import is_quantized_dir, load_quantized_dit
     say = progress or (lambda s: None)
+    where = device if weights_device is None else weights_device
     say("loading the DiT")
     if is_quantized_dir(ckpt_dir):
         if relighting_lora:
             raise CheckpointError(f"{ckpt_dir} is already quantized: merge the relighting LoRA when quantizing "
                                   "(wanimate quantize --relighting-lora)")
-        dit = load_quantized_dit(ckpt_dir, device=device, dtype=dtype, progress=progress)
+        dit = load_quantized_dit(ckpt_dir, device=where, dtype=dtype, progress=progress)
     else:
         patch = None
         if relighting_lora:
@@ -168,17 +172,17 @@ def load_pipeline(ckpt_dir: Path, *, device="cuda", dtype=torch.bfloat16, religh
             cfg = find_dit(ckpt_dir).config
             patch = parse_lora(load_relighting_lora(ckpt_dir), expected_entries(build_dit(cfg)), cfg)
             say(f"merging the relighting LoRA into {len(patch.targets())} weights while loading")
-        dit = load_dit(ckpt_dir, dtype=dtype, device=device, progress=progress, lora=patch)
+        dit = load_dit(ckpt_dir, dtype=dtype, device=where, progress=progress, lora=patch)
         if quant:
             from ..quant import QuantConfig, quantize_
             say(f"quantizing the DiT weights ({quant})")
             quantize_(dit, QuantConfig(quant))
     say("loading umT5")
-    t5, tokenizer = load_t5(ckpt_dir, dtype=dtype, device=device)
+    t5, tokenizer = load_t5(ckpt_dir, dtype=dtype, device=where)
     say("loading CLIP")
-    clip = load_clip(ckpt_dir, dtype=torch.float16 if dtype != torch.float32 else dtype, device=device)
+    clip = load_clip(ckpt_dir, dtype=torch.float16 if dtype != torch.float32 else dtype, device=where)
     say("loading the VAE")
-    vae = load_vae(ckpt_dir, device=device)
+    vae = load_vae(ckpt_dir, device=where)
     return Pipeline(dit, vae, clip, text_encoder=t5, tokenizer=tokenizer, device=device)
 
 

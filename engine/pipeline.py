@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 from .attention import EXACT_BACKENDS, attention_schedule, get_backend, set_attention_backend
 from .clip import CLIPVisual, clip_input, letterbox
-from .errors import ValidationError
+from .errors import ResourceExhausted, ValidationError
 from .model import WanAnimateDiT
+from .offload import Placement, oom_message, release_memory
 from .sampler import SOLVERS, make_schedule, make_solver
 from .vae import WanVAE
 
@@ -212,10 +213,12 @@ class Pipeline:
     """Holds loaded models; `generate` runs one request. Models stay loaded between requests."""
 
     def __init__(self, dit: WanAnimateDiT, vae: WanVAE, clip: CLIPVisual, *, text_encoder=None, tokenizer=None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", placement: Placement | None = None):
         self.dit, self.vae, self.clip = dit, vae, clip
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.device = torch.device(device)
+        # Where T5/CLIP/VAE are while they run (engine/offload.py); the default keeps them resident.
+        self.placement = placement or Placement()
         self._grey_latents: dict[tuple, torch.Tensor] = {}     # animate segment-0 conditioning, per shape
         self._black_motion: dict[tuple, torch.Tensor] = {}     # uncond face tokens, per clip length
 
@@ -230,8 +233,9 @@ class Pipeline:
         from .text import encode_text
         if self.text_encoder is None or self.tokenizer is None:
             raise ValidationError("this pipeline has no text encoder: pass precomputed context embeddings")
-        out = encode_text(self.text_encoder, self.tokenizer, [prompt or DEFAULT_PROMPT,
-                                                              negative_prompt or DEFAULT_NEGATIVE_PROMPT])
+        with self.placement.use(self.text_encoder):
+            out = encode_text(self.text_encoder, self.tokenizer, [prompt or DEFAULT_PROMPT,
+                                                                  negative_prompt or DEFAULT_NEGATIVE_PROMPT])
         return TextContext(out.trimmed[0].to(self.device), out.trimmed[1].to(self.device))
 
     def _pixels(self, frames: np.ndarray) -> torch.Tensor:
@@ -241,7 +245,12 @@ class Pipeline:
         return x.permute(3, 0, 1, 2).unsqueeze(0).to(self.dtype)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(pixels.to(self.vae.dtype))
+        with self.placement.use(self.vae):
+            return self.vae.encode(pixels.to(self.vae.dtype), tiling=self.placement.vae_tiling)
+
+    def _decode(self, latents: torch.Tensor):
+        with self.placement.use(self.vae):
+            yield from self.vae.decode_stream(latents, tiling=self.placement.vae_tiling)
 
     @torch.no_grad()
     def reference_features(self, reference: np.ndarray, size: tuple[int, int]):
@@ -250,7 +259,8 @@ class Pipeline:
         pixels = self._pixels(boxed[None])                               # [1, 3, 1, H, W]
         latent = self._encode(pixels)
         clip_in = clip_input(pixels[:, :, 0].float(), self.clip.config)   # fp32 resize on rounded pixels
-        clip_fea = self.clip(clip_in.to(next(self.clip.parameters()).dtype)).to(self.dtype)
+        with self.placement.use(self.clip):
+            clip_fea = self.clip(clip_in.to(next(self.clip.parameters()).dtype)).to(self.dtype)
         return boxed, latent, clip_fea
 
     def _grey(self, t: int, h: int, w: int) -> torch.Tensor:
@@ -292,13 +302,34 @@ class Pipeline:
 
     # -- generation ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, reference: np.ndarray, pose: FrameSource, face: FrameSource, options: GenerateOptions, *,
                  background: FrameSource | None = None, mask: FrameSource | None = None,
                  text: TextContext | None = None, sink: Sink | None = None, trace: Trace | None = None,
                  progress: Progress | None = None, generator: torch.Generator | None = None) -> GenerationResult:
+        """Run one request. Running out of device memory anywhere in it raises ResourceExhausted
+        naming the stage and what to change; the pipeline's memory is then back where it was
+        before the request and it serves the next one."""
         options = options.resolved()
         height, width = self.check_inputs(pose, face, options, background, mask)
+        where = {"stage": "start"}
+        failure = None
+        try:
+            return self._generate(reference, pose, face, options, (height, width), where, background=background,
+                                  mask=mask, text=text, sink=sink, trace=trace, progress=progress, generator=generator)
+        except torch.cuda.OutOfMemoryError as e:
+            # Keep only a string: the exception's traceback holds every frame of the request and so
+            # every tensor in it. Recovery happens after this block, once those are gone
+            # (pytorch/pytorch#18853).
+            failure = str(e).split("\n")[0]
+        release_memory(self.device, self.placement)
+        raise ResourceExhausted(oom_message(failure, where["stage"], (height, width), options, self.placement))
+
+    @torch.no_grad()
+    def _generate(self, reference: np.ndarray, pose: FrameSource, face: FrameSource, options: GenerateOptions,
+                  size: tuple[int, int], where: dict, *, background: FrameSource | None, mask: FrameSource | None,
+                  text: TextContext | None, sink: Sink | None, trace: Trace | None, progress: Progress | None,
+                  generator: torch.Generator | None) -> GenerationResult:
+        height, width = size
         plan = plan_segments(len(pose), options.clip_len, options.refert_num)
         timings: dict[str, float] = {}
         tick = time.perf_counter()
@@ -306,7 +337,9 @@ class Pipeline:
         generator = generator or torch.Generator("cpu").manual_seed(options.seed)
         guided = options.guide_scale > 1
 
+        where["stage"] = "text encoder (T5)"
         text = text or self.encode_prompts(options.prompt, options.negative_prompt)
+        where["stage"] = "reference image (VAE encode, CLIP)"
         boxed, ref_latent, clip_fea = self.reference_features(reference, (height, width))
         note("ref.letterboxed", torch.from_numpy(boxed))
         note("clip.fea", clip_fea[0].float())
@@ -330,6 +363,7 @@ class Pipeline:
         for seg in plan.segments:
             k = seg.index
             seg_tick = time.perf_counter()
+            where["stage"] = f"segment {k + 1}/{len(plan.segments)}: VAE encode of the conditions"
             noise = torch.randn(16, lat_t + 1, h, w, generator=generator, dtype=torch.float32)
             note(f"seg{k}.noise", noise)
             pose_px = self._pixels(pose.get(seg.source_indices))
@@ -363,6 +397,7 @@ class Pipeline:
             y = torch.cat([y_ref, torch.cat([msk, cond_latents], dim=1)], dim=2).to(self.dtype)
             note(f"seg{k}.y", y[0])
 
+            where["stage"] = f"segment {k + 1}/{len(plan.segments)}: motion encoder and DiT prepare"
             motion = self.dit.encode_motion(face_px)
             if guided:
                 motion = torch.cat([motion, self._black_face_motion(t, face.size[0])])
@@ -379,6 +414,7 @@ class Pipeline:
             for i, step_t in enumerate(schedule.timesteps.tolist()):
                 if i == 0 or backends[i] != backends[i - 1]:
                     set_attention_backend(self.dit, backends[i], which=("self",))
+                where["stage"] = f"segment {k + 1}/{len(plan.segments)}: DiT step {i + 1}/{schedule.steps}"
                 note(f"seg{k}.x_in", latents[0])
                 if guided and options.batch_cfg:
                     pred_c, pred_u = self.dit.denoise(latents.expand(2, -1, -1, -1, -1), torch.tensor([step_t] * 2, device=self.device), cond).chunk(2)
@@ -396,11 +432,13 @@ class Pipeline:
                 note(f"seg{k}.latents_after_step", latents[0])
                 if progress:
                     progress(f"segment {k + 1}/{len(plan.segments)}", i + 1, schedule.steps)
+            cond = cond_null = None       # the cross-attention K/V and pose tokens (~1 GB at 480p) are done
 
             # Decode, streamed: drop the frames that duplicate the previous segment's tail, keep
             # the last refert_num decoded frames to condition the next segment.
             decoded_at, tail, dropped = 0, [], []
-            for chunk in self.vae.decode_stream(latents[:, :, 1:].float()):
+            where["stage"] = f"segment {k + 1}/{len(plan.segments)}: VAE decode"
+            for chunk in self._decode(latents[:, :, 1:].float()):
                 tail.append(chunk)
                 keep = chunk[:, :, max(0, r - decoded_at):]
                 if decoded_at < r:
