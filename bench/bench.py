@@ -463,8 +463,11 @@ def run_bench(*, resolution: str = "480p", steps: int = 20, frames: int = 77, dt
               quant: str | None = None, vram_budget: str | int | None = None, compare: tuple[str, ...] = (),
               smoke: bool = False, device: str | None = None, reps: int = 3, e2e_steps: int = 1,
               attention: str | None = None, plot: bool = True, out: str | Path | None = None,
-              memory_model: str | Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run the benchmark; returns the result dict (also written as JSON). See the module docstring."""
+              memory_model: str | Path | None = None, log: Callable[[str], None] = print,
+              kernels: bool = False, vae_backend: str = "torch") -> dict:
+    """Run the benchmark; returns the result dict (also written as JSON). See the module docstring.
+    `kernels`: the fused Triton kernels (engine/transforms.py use_kernels); `vae_backend`: 'compiled'
+    for the torch.compile'd VAE steps (export/runtime.py)."""
     from wanimate.engine.config import preset
     from wanimate.engine.errors import ValidationError
     from wanimate.engine.offload import (MemoryModel, _dtype_name, apply_plan, dit_tokens, parse_budget,
@@ -503,6 +506,13 @@ def run_bench(*, resolution: str = "480p", steps: int = 20, frames: int = 77, dt
     pipe = build_pipeline(cfg, device, torch_dtype)
     if attention:
         _set_attention(pipe.dit, attention)
+    if kernels:
+        from wanimate.engine.transforms import use_kernels
+        notes.append(f"fused kernels: {'on' if use_kernels(pipe.dit) else 'unavailable (reference path)'}")
+    if vae_backend != "torch":
+        from wanimate.export.runtime import make_vae_backend
+        pipe.vae = make_vae_backend(pipe.vae, vae_backend)
+        notes.append(f"VAE backend: {vae_backend}")
     log(f"built random weights in {time.perf_counter() - t0:.1f} s")
 
     mem = MemoryModel.from_json(memory_model) if memory_model else MemoryModel()
@@ -808,6 +818,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--e2e-steps", type=int, default=1, help="also time a real 1-segment generate() (0: skip)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--attention", default=None, help="attention backend for the DiT (default sdpa)")
+    ap.add_argument("--kernels", action="store_true", help="fused Triton kernels in the DiT")
+    ap.add_argument("--vae-backend", default="torch", help="torch | compiled")
     ap.add_argument("--memory-model", default=None, help="MemoryModel JSON (from bench/vram_matrix.py) for the planner")
     ap.add_argument("--device", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU")
@@ -817,7 +829,7 @@ def main(argv=None) -> dict:
     return run_bench(resolution=a.resolution, steps=a.steps, frames=a.frames, dtype=a.dtype, quant=a.quant,
                      vram_budget=a.vram_budget, compare=tuple(a.compare), smoke=a.smoke, device=a.device, reps=a.reps,
                      e2e_steps=a.e2e_steps, attention=a.attention, plot=not a.no_plot, out=a.out,
-                     memory_model=a.memory_model)
+                     memory_model=a.memory_model, kernels=a.kernels, vae_backend=a.vae_backend)
 
 
 if __name__ == "__main__":

@@ -782,30 +782,30 @@ def component_sizes(config: ModelConfig, dtype: torch.dtype | str = torch.bfloat
 class MemoryModel:
     """Peak transient bytes of each phase, beyond the weights.
 
-    Defaults: a live-tensor trace of this engine's code at the real 14B/VAE shapes on the meta
-    device (every tensor an op creates is counted until it is freed; attention counted as its
-    output only, as flash/efficient SDPA keep no score matrix). Run on 2026-11-22;
-    `python -m wanimate.bench.memtrace` reproduces it:
-      DiT denoise(), per token per model dim per batch element: bf16 30.0 B (peak inside apply_rope:
-        the fp32 rotation temporaries), fp32 33.6 B (peak at the FFN GELU). Same at 480p and 720p.
-      VAE decode step (fp32), per output pixel: 25110 B untiled, the causal cache included; with the
-        default 32/8 latent tiling 21400 B (every tile keeps its own cache, so tiling saves little).
-        Independent of the frame count (5, 17, 77, 385 frames give the same peak).
-      VAE encode (fp32), per input pixel: 15650 B untiled, 12720 B tiled, plus the input video.
-    `overhead` covers the caching allocator's rounding and fragmentation on transient peaks.
-    bench/vram_matrix.py measures the same quantities on the GPU (torch.cuda.max_memory_allocated)
-    and writes them as a MemoryModel JSON, which `from_json` loads; the measured values replace
-    these defaults once taken."""
+    Defaults: measured by bench/vram_matrix.py on an NVIDIA H200 (torch 2.11, 2026-11-22,
+    bench/results/vram_matrix_h200.json; torch.cuda.max_memory_allocated over each phase):
+      DiT denoise(), per token per model dim per batch element: bf16 28.0 B (same as the
+        live-tensor trace of `python -m wanimate.bench.memtrace`; peak inside apply_rope); fp32 33.6 B
+        (trace only).
+      VAE decode step (fp32), per output pixel: 30288 B untiled (the trace said 25110); tiled 38684 B
+        (worse than untiled on the GPU: every tile keeps its own cache and the blend buffers add up),
+        independent of the frame count (77 and 385 frames: the same peak).
+      VAE encode (fp32), per input pixel: 19502 B untiled (trace 15650), tiled from the trace.
+      T5 and CLIP transient activations as measured.
+    `overhead` covers the caching allocator's rounding and fragmentation on transient peaks: the
+    measured 1.485 is the largest ratio of reserved to allocated memory over the matrix's phases
+    (an FP8 480p plan at the trace's 1.10 ran out of memory in the VAE decode and at 24 GB).
+    `from_json` loads a MemoryModel measured on another GPU."""
 
     dit_act_per_token_dim: tuple[tuple[str, float], ...] = (("bfloat16", 28.0), ("float16", 28.0), ("float32", 33.6))
-    vae_decode_per_px: float = 25110.0
-    vae_decode_tiled_per_px: float = 21400.0
-    vae_encode_per_px: float = 15650.0
+    vae_decode_per_px: float = 30288.0
+    vae_decode_tiled_per_px: float = 38684.0
+    vae_encode_per_px: float = 19502.0
     vae_encode_tiled_per_px: float = 12720.0
-    t5_act: float = 0.25 * GiB
-    clip_act: float = 0.05 * GiB
-    overhead: float = 1.10
-    source: str = "live-tensor trace on the meta device (engine code at 14B shapes), 2026-11-22"
+    t5_act: float = 446710784.0
+    clip_act: float = 7538176.0
+    overhead: float = 1.485
+    source: str = "bench/vram_matrix.py on NVIDIA H200, 2026-11-22 (DiT bf16 and VAE measured; fp32 DiT traced)"
 
     def dit_act(self, dtype: str) -> float:
         return dict(self.dit_act_per_token_dim).get(dtype, max(v for _, v in self.dit_act_per_token_dim))
