@@ -63,8 +63,9 @@ def test_vram_matrix_smoke(tmp_path):
     rows = data["rows"]
     assert [r["status"] for r in rows if r["status"] != "ok"] == []
     dit = [r for r in rows if r["kind"] == "dit"]
-    assert len(dit) == 7 and all(r["bitwise_equal"] for r in dit)
-    assert {r["resident_blocks"] for r in dit} == {5, 3, 1}
+    assert all(r["bitwise_equal"] for r in dit)
+    bf16 = [r for r in dit if "fp8" not in r["name"]]            # fp8 rows join when quant/ is present
+    assert len(bf16) == 7 and {r["resident_blocks"] for r in bf16} == {5, 3, 1}
     assert any(r["transport"] == "same-stream" for r in dit)
     decodes = [r for r in rows if r["kind"] == "vae" and r["name"].startswith("decode") and not r["tiled"]]
     assert sorted({r["frames_out"] for r in decodes}) == [5, 13]

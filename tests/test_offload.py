@@ -457,7 +457,7 @@ def test_plan_everything_resident_when_it_fits(sizes14b):
 def test_plan_24gb_480p_streams_and_offloads(sizes14b):
     from wanimate.engine.offload import plan_vram
     p = plan_vram("24GB", preset("14b"), "480p", sizes=sizes14b)
-    assert p.streams_blocks and "text_encoder" in p.offload and 0 < p.resident_blocks < 40
+    assert p.streams_blocks and "text_encoder" in p.offload and 0 <= p.resident_blocks < 40
     assert p.peak_bytes <= p.budget_bytes - p.headroom
     # Greedy but not wasteful: one more resident block would not fit.
     from wanimate.engine.offload import MemoryModel, estimate_phases
