@@ -70,5 +70,5 @@ def test_vram_matrix_smoke(tmp_path):
     decodes = [r for r in rows if r["kind"] == "vae" and r["name"].startswith("decode") and not r["tiled"]]
     assert sorted({r["frames_out"] for r in decodes}) == [5, 13]
     pipe = [r for r in rows if r["kind"] == "pipeline"]
-    assert len(pipe) == 1 and pipe[0]["generate_s"] > 0 and "offloaded" in pipe[0]["placement"]
+    assert len(pipe) in (1, 2) and all(r["generate_s"] > 0 and "offloaded" in r["placement"] for r in pipe)
     assert out["total_s"] > 0 and ("fp8" in data or any(r["name"].startswith("fp8") for r in rows))
