@@ -86,6 +86,8 @@ def run(
     vae_cache: Path = typer.Option(None, help="folder for exported VAE graphs/engines (default ~/.cache/wanimate/vae)"),
     quant: str = typer.Option(None, help="quantize the DiT weights at load: fp8 | int8 | int8_wo | nf4"),
     relighting_lora: bool = typer.Option(False, help="merge the checkpoint's relighting LoRA (replace mode) at load"),
+    vram_budget: str = typer.Option(None, help="fit within this much GPU memory (e.g. 24GB): stream DiT blocks, offload encoders"),
+    kernels: bool = typer.Option(True, help="fused Triton kernels in the DiT when a GPU and triton are present"),
 ):
     """Generate a video: the reference image performs the driving video's motion (animate) or
     replaces its person (replace)."""
@@ -119,7 +121,8 @@ def run(
         report = run_job(output, options, src=src, image=image, video=video, ckpt_dir=ckpt_dir, device=device,
                          dtype=torch.float32 if fp32 else torch.bfloat16, preprocess_options=pre,
                          vae_backend=vae_backend, vae_cache=vae_cache,
-                         load_options={"quant": quant, "relighting_lora": relighting_lora},
+                         load_options={"quant": quant, "relighting_lora": relighting_lora}, vram_budget=vram_budget,
+                         kernels=kernels,
                          progress=progress, log=lambda s: typer.echo(f"wanimate: {s}", err=True))
     except WanimateError as e:
         typer.echo(f"error: {e}", err=True)
@@ -218,6 +221,15 @@ def export_pose_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(json.dumps({k: str(v.get("onnx", v)) for k, v in out.items()}))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context):
+    """Stage timings on random 14B weights (no checkpoint): T5, CLIP, VAE, DiT step, segment,
+    GPU-s per video-s; --compare diffusers, --vram-budget, --quant fp8, --kernels, --attention.
+    Run `wanimate bench --help-bench` for every option."""
+    from .bench.bench import main as bench_main
+    bench_main(["--help" if a == "--help-bench" else a for a in ctx.args])
 
 
 @app.command()

@@ -124,6 +124,7 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
         device: str = "cpu", dtype: torch.dtype = torch.bfloat16, preprocess_options: dict | None = None,
         limits: MediaLimits = MediaLimits(), progress: Callable[[str, int, int], None] | None = None,
         vae_backend: str = "torch", vae_cache: Path | None = None, load_options: dict | None = None,
+        vram_budget: str | int | None = None, kernels: bool = False,
         log: Callable[[str], None] = lambda s: None) -> RunReport:
     """Generate `output` from a preprocessed folder (`src`) or from an image and a driving video
     (preprocessed first). `pipeline` may be a loaded Pipeline (servers keep one across requests);
@@ -162,14 +163,22 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
                         "shows the pipeline working, not an animation")
                     pipeline = embedded_pipeline(device=device)
                 else:
+                    # Under a budget the weights land in host memory and the plan places them.
                     pipeline = load_pipeline(ckpt_dir, device=device, dtype=dtype, progress=log,
+                                             weights_device="cpu" if vram_budget else None,
                                              **{k: v for k, v in (load_options or {}).items() if v})
                 timings["load_s"] = time.perf_counter() - tl
+            if kernels and torch.device(device).type == "cuda":
+                from .transforms import use_kernels
+                use_kernels(pipeline.dit, True)
             if vae_backend != "torch":
                 from ..export.runtime import make_vae_backend
                 cache = vae_cache or Path.home() / ".cache" / "wanimate" / "vae"
                 pipeline.vae = make_vae_backend(pipeline.vae, vae_backend, cache)
             height, width = pipeline.check_inputs(pose, sources["face"], options, sources.get("bg"), sources.get("mask"))
+            if vram_budget:
+                from .offload import apply_budget
+                apply_budget(pipeline, vram_budget, (height, width), options, log=log)
             log(f"{len(pose)} frames of {width}x{height} at {fps:g} fps, seed {options.seed}")
             with VideoWriter(output, fps=fps, width=width, height=height) as writer:
                 result: GenerationResult = pipeline.generate(
@@ -185,7 +194,8 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
     settings.update(embedded_default=embedded, checkpoint=str(ckpt_dir) if ckpt_dir else None, device=str(device),
                     dtype=str(pipeline.dtype).replace("torch.", ""), fps=fps, frames=result.n_frames,
                     size=[height, width], attention=attention_report(pipeline.dit) | {"self": options.attention},
-                    vae_backend=vae_backend)
+                    vae_backend=vae_backend, vram_budget=vram_budget,
+                    kernels=bool(kernels and torch.device(device).type == "cuda"))
     payload = sidecar_payload(options.seed, settings, manifest_hash(ckpt_dir) if ckpt_dir else None, device=device)
     payload["timings"] = timings
     sidecar = write_json_atomic(output.with_suffix(".json"), payload)
