@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 
 from .errors import CheckpointError
+from .video import fsync_dir   # one implementation of the atomic-write steps
 
 MAX_HEADER_BYTES = 100_000_000          # the limit the safetensors format itself sets
 MANIFEST_NAME = "wanimate-manifest.json"
@@ -187,12 +188,6 @@ def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
     return h.hexdigest()
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- the manifest: {relative path: {"sha256": ..., "bytes": ...}} for every file the engine loads

@@ -624,7 +624,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -738,7 +738,7 @@ class VideoWriter:
             self.abort()
             raise
         self._done = True
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -798,7 +798,7 @@ def write_json_atomic(path, payload: dict) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
