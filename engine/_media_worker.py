@@ -22,6 +22,20 @@ import sys
 import time
 
 
+
+def _peak_rss_bytes() -> int:
+    """This process's own peak resident memory. VmHWM belongs to the post-exec address space;
+    ru_maxrss also counts the pre-exec copy of a large parent (Linux folds it in at exec), which
+    would report the engine's memory as the decoder's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
+
 def _send_json(out, tag: bytes, payload: dict) -> None:
     data = json.dumps(payload).encode()
     out.write(tag + struct.pack("<I", len(data)) + data)
@@ -198,7 +212,7 @@ def main() -> int:
             # Counting demuxed the whole file; a fresh open is simpler and safer than a seek.
             with av.open(req["path"], mode="r", timeout=float(req.get("io_timeout_s", 30))) as c2:
                 n = _decode(av, c2, info, req, out)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = _peak_rss_bytes()
         _send_json(out, b"E", {"decoded": n, "peak_rss_bytes": peak})
         return 0
     except _Refused as e:

@@ -468,8 +468,13 @@ def test_plan_24gb_480p_streams_and_offloads(sizes14b):
 
 def test_plan_is_monotone_in_budget(sizes14b):
     from wanimate.engine.offload import plan_vram
-    ks = [plan_vram(b * 10**9, preset("14b"), "480p", sizes=sizes14b).resident_blocks for b in range(16, 90, 4)]
+    from wanimate.engine.offload import min_vram
+    need, _ = min_vram(preset("14b"), "480p", sizes=sizes14b)
+    first = -(-need // 10**9)                     # the smallest whole-GB budget that fits
+    ks = [plan_vram(b * 10**9, preset("14b"), "480p", sizes=sizes14b).resident_blocks for b in range(first, 90, 4)]
     assert ks == sorted(ks) and ks[0] < 40 == ks[-1]
+    with pytest.raises(ResourceExhausted):
+        plan_vram((first - 1) * 10**9, preset("14b"), "480p", sizes=sizes14b)
 
 
 def test_plan_fails_early_naming_what_fits(sizes14b):
