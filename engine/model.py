@@ -504,7 +504,10 @@ class WanAnimateDiT(nn.Module):
             face_pixels = F.interpolate(face_pixels.transpose(1, 2).flatten(0, 1).float(),
                                         size=(self.cfg.motion_size,) * 2, mode="area").unflatten(0, (b, t)).transpose(1, 2)
         frames = face_pixels.transpose(1, 2).flatten(0, 1).to(self.dtype)   # [B*T, 3, S, S]
-        motion = torch.cat([self.motion_encoder(chunk) for chunk in frames.split(self.cfg.motion_batch)])
+        # The official code runs 8 frames per call; per-frame results do not depend on the batch, and
+        # on a GPU 32 frames per call keep the small 512x512 convolutions busy (bounded memory).
+        chunk = self.cfg.motion_batch if frames.device.type == "cpu" else max(self.cfg.motion_batch, 32)
+        motion = torch.cat([self.motion_encoder(c) for c in frames.split(chunk)])
         tokens = self.face_encoder(motion.unflatten(0, (b, t)), self.dtype)  # [B, F, 5, C]
         return torch.cat([tokens.new_zeros(b, 1, *tokens.shape[2:]), tokens], dim=1)
 

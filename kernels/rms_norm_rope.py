@@ -139,7 +139,10 @@ def row_settings(width: int) -> tuple[int, int]:
     block = max(triton.next_power_of_2(width), 2)
     if block > 65536:
         raise ValidationError(f"row width {width} is larger than the fused row kernels support (65536)")
-    warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    # 8 warps for Wan's 5120-wide rows: measured on an H200 (bench/results/kernels_h200.json) as the
+    # best setting of rms_norm_rope at 480p and 720p and of the residual + norm kernels, where the
+    # earlier 16 warps reached 56-74% of the copy bandwidth.
+    warps = 32 if block >= 32768 else 8 if block >= 2048 else 4
     return block, warps
 
 
