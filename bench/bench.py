@@ -140,20 +140,9 @@ def _sync(device: torch.device) -> None:
 
 
 def time_median(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[float, list[float]]:
-    """Median seconds of `reps` calls (the caller has warmed up). CUDA events on the GPU."""
-    times = []
-    for _ in range(max(1, reps)):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+    """Median seconds of `reps` calls (the caller has warmed up)."""
+    from wanimate.bench.timing import time_calls
+    times = time_calls(fn, device, reps)
     return statistics.median(times), times
 
 

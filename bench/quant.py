@@ -83,7 +83,6 @@ class Bench:
 
     def time(self, fn, *, warmup: int, reps: int) -> tuple[float, float]:
         """(median seconds, first-call seconds); the first call is the first warm-up."""
-        torch = self.torch
         t0 = time.perf_counter()
         fn()
         self.sync()
@@ -91,20 +90,8 @@ class Bench:
         for _ in range(warmup - 1):
             fn()
         self.sync()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-        return statistics.median(times), first
+        from wanimate.bench.timing import time_calls
+        return statistics.median(time_calls(fn, "cuda" if self.cuda else "cpu", reps)), first
 
     def free(self):
         gc.collect()

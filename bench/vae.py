@@ -50,20 +50,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(fn, device: torch.device, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    from wanimate.bench.timing import time_calls
+    return time_calls(fn, device, repeats)
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
