@@ -467,11 +467,16 @@ def test_plan_24gb_480p_streams_and_offloads(sizes14b):
 
 
 def test_plan_is_monotone_in_budget(sizes14b):
+    """More budget never means fewer resident blocks or a less faithful VAE."""
     from wanimate.engine.offload import plan_vram
     from wanimate.engine.offload import min_vram
     need, _ = min_vram(preset("14b"), "480p", sizes=sizes14b)
     first = -(-need // 10**9)                     # the smallest whole-GB budget that fits
-    ks = [plan_vram(b * 10**9, preset("14b"), "480p", sizes=sizes14b).resident_blocks for b in range(first, 90, 4)]
+    plans = [plan_vram(b * 10**9, preset("14b"), "480p", sizes=sizes14b) for b in range(first, 90, 4)]
+    # The official fp32 VAE whenever it fits; the bf16 VAE only below every budget that fits fp32.
+    dtypes = [p.vae_dtype for p in plans]
+    assert dtypes == sorted(dtypes, key=lambda d: d == "float32") and dtypes[-1] == "float32"
+    ks = [p.resident_blocks for p in plans if p.vae_dtype == "float32"]
     assert ks == sorted(ks) and ks[0] < 40 == ks[-1]
     with pytest.raises(ResourceExhausted):
         plan_vram((first - 1) * 10**9, preset("14b"), "480p", sizes=sizes14b)
