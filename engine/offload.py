@@ -879,6 +879,7 @@ class VRAMPlan:
     phases: dict                                 # estimated peak bytes per phase
     headroom: int
     vae_dtype: str = "float32"                   # "bfloat16" only when the official fp32 VAE cannot fit
+    t5_on_cpu: bool = False                      # the official --t5_cpu: T5 runs on the host, once per request
 
     @property
     def peak_bytes(self) -> int:
@@ -897,6 +898,8 @@ class VRAMPlan:
                  "offloaded: " + (", ".join(self.offload) if self.offload else "nothing")]
         if self.vae_tiling is not None:
             parts.append(f"VAE tiled {self.vae_tiling.size}/{self.vae_tiling.overlap}")
+        if self.t5_on_cpu:
+            parts.append("T5 on the CPU (--t5_cpu)")
         if self.vae_dtype != "float32":
             parts.append(f"VAE in {self.vae_dtype} (the official fp32 VAE does not fit; decode rel L2 ~1.5e-2)")
         top = max(self.phases, key=self.phases.get)
@@ -918,10 +921,12 @@ def headroom(budget_bytes: int) -> int:
 
 def estimate_phases(sizes: ComponentSizes, mem: MemoryModel, cfg: ModelConfig, size: tuple[int, int], frames: int,
                     dtype: str, batch: int, resident: int, stream_face: bool, offload: Sequence[str],
-                    tiling: Tiling | None, vae_bf16: bool = False) -> dict[str, int]:
+                    tiling: Tiling | None, vae_bf16: bool = False, t5_on_cpu: bool = False) -> dict[str, int]:
     """Peak bytes of each phase of a request: the resident weights plus that phase's transients."""
     if vae_bf16:
         sizes = dataclasses.replace(sizes, vae=sizes.vae // 2)
+    if t5_on_cpu:
+        sizes = dataclasses.replace(sizes, text_encoder=0)
     h, w = size
     px = h * w
     d = cfg.dit
@@ -945,7 +950,7 @@ def estimate_phases(sizes: ComponentSizes, mem: MemoryModel, cfg: ModelConfig, s
     dec = vae_scale * (mem.vae_decode_tiled_per_px if tiling else mem.vae_decode_per_px) * px
     o = mem.overhead
     return {
-        "text encoder": int(weights + on_call["text_encoder"] + o * mem.t5_act),
+        "text encoder": int(weights + (0 if t5_on_cpu else on_call["text_encoder"] + o * mem.t5_act)),
         "reference (CLIP)": int(weights + on_call["clip"] + o * mem.clip_act),
         "VAE encode": int(weights + segment + on_call["vae"] + o * enc),
         "DiT step": int(weights + segment + cond + o * dit_act),
@@ -1002,13 +1007,16 @@ def plan_vram(budget_bytes: int | str, config: ModelConfig, resolution: str | tu
         k = most_resident(True, OFFLOADABLE, tiling)
         if k is not None:
             return plan(k, True, OFFLOADABLE, tiling)
-    # Last resort, the one step that leaves the official numerics: run the VAE in bf16 (about half
-    # the activation memory; decode rel L2 ~1.5e-2 against fp32, tests/test_vae.py).
-    for k in range(n, -1, -1):
-        ph = estimate_phases(sizes, mem, config, size, frames, dname, batch, k, True, OFFLOADABLE, None, vae_bf16=True)
-        if max(ph.values()) <= usable:
-            return VRAMPlan(budget, size, frames, dname, quant, batch, n, k, True, tuple(OFFLOADABLE), None, ph, room,
-                            vae_dtype="bfloat16")
+    # Then the official --t5_cpu (T5 runs on the host once per request: slower, same numerics), and
+    # last the one step that leaves the official numerics: the VAE in bf16 (about half the activation
+    # memory; decode rel L2 ~1.5e-2 against fp32, tests/test_vae.py).
+    for vae_bf16 in (False, True):
+        for k in range(n, -1, -1):
+            ph = estimate_phases(sizes, mem, config, size, frames, dname, batch, k, True, OFFLOADABLE, None,
+                                 vae_bf16=vae_bf16, t5_on_cpu=True)
+            if max(ph.values()) <= usable:
+                return VRAMPlan(budget, size, frames, dname, quant, batch, n, k, True, tuple(OFFLOADABLE), None, ph,
+                                room, vae_dtype="bfloat16" if vae_bf16 else "float32", t5_on_cpu=True)
     raise ResourceExhausted(_no_fit_message(budget, config, size, frames, dname, quant, batch, mem, sizes))
 
 
@@ -1021,7 +1029,7 @@ def min_vram(config: ModelConfig, resolution, frames: int = 77, dtype="bf16", qu
     # Everything streamed and offloaded; the VAE tiled or not, whichever needs less (on the GPU the
     # tiled decode measured larger: every tile keeps its own cache).
     options = [estimate_phases(sizes, memory or MemoryModel(), config, size, frames, dname, batch, 0, True,
-                               OFFLOADABLE, tiling, vae_bf16) for tiling in (None, Tiling()) for vae_bf16 in (False, True)]
+                               OFFLOADABLE, tiling, vae_bf16, True) for tiling in (None, Tiling()) for vae_bf16 in (False, True)]
     ph = min(options, key=lambda p: max(p.values()))
     top = max(ph, key=ph.get)
     need = ph[top]
@@ -1080,6 +1088,9 @@ def apply_plan(pipeline, plan: VRAMPlan, *, transport: str | object = "auto") ->
     for name, module in components.items():
         if module is not None and name not in plan.offload:
             module.to(device)
+    if plan.t5_on_cpu and pipeline.text_encoder is not None:
+        pipeline.text_encoder.to("cpu")                  # encode_prompts moves the context to the device
+        components["text_encoder"] = None
     placement = ComponentOffload({n: components[n] for n in plan.offload if components[n] is not None}, device,
                                  vae_tiling=plan.vae_tiling, swap=swap)
     placement.pipeline = pipeline
