@@ -615,9 +615,11 @@ def _quantize(pipe, scheme, placement, budget, cfg, size, frames, torch_dtype, m
     from wanimate.quant import QuantConfig, quantize_
 
     if placement is not None:
-        placement.remove()
+        # Lift the cap first: removing the plan brings every block back to the device (quantizing
+        # here stands in for loading a `wanimate quantize` checkpoint, which never holds bf16 weights).
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
+        placement.remove()
     pipe.dit.to(device)
     t = time.perf_counter()
     quantize_(pipe.dit, QuantConfig(scheme))
