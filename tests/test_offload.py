@@ -600,3 +600,31 @@ def test_pipeline_computes_on_its_device_with_weights_elsewhere(tiny_pipe, good_
         assert torch.equal(_generate(pipe).frames, good_frames)
     finally:
         placement.remove()
+
+
+def test_tight_budget_moves_t5_to_host_then_vae_to_bf16(sizes14b):
+    """Below what the official setup fits, the planner first runs T5 on the host (the official
+    --t5_cpu, same numerics), and only then the VAE in bf16 (the one step off the official
+    numerics), and says both in its summary."""
+    from wanimate.engine.offload import plan_vram
+    roomy = plan_vram("48GB", preset("14b"), "480p", sizes=sizes14b)
+    assert not roomy.t5_on_cpu and roomy.vae_dtype == "float32"
+    tight = plan_vram("16GB", preset("14b"), "480p", sizes=sizes14b)
+    assert tight.t5_on_cpu and tight.vae_dtype == "bfloat16"
+    assert "T5 on the CPU" in tight.summary() and "VAE in bfloat16" in tight.summary()
+    assert "text encoder" in tight.phases and tight.peak_bytes <= tight.budget_bytes
+
+
+def test_apply_plan_keeps_t5_on_host_and_casts_the_vae(tiny_pipe):
+    import dataclasses
+    from wanimate.engine.offload import apply_plan, plan_vram
+    pipe, _ = tiny_pipe, None
+    plan = plan_vram("64GB", preset("tiny"), (32, 48), 5)
+    plan = dataclasses.replace(plan, t5_on_cpu=True, vae_dtype="bfloat16")
+    placement = apply_plan(pipe, plan)
+    try:
+        assert next(pipe.text_encoder.parameters()).device.type == "cpu"
+        assert pipe.vae.dtype == torch.bfloat16
+    finally:
+        placement.remove()
+        pipe.vae.to(torch.float32)
