@@ -86,9 +86,6 @@ class GenerateOptions:
             raise ValidationError(f"clip_len must be 4n+1 with n >= 1 (5, 9, ..., 77), got {self.clip_len!r}")
         if self.refert_num not in (1, 5) or isinstance(self.refert_num, bool):
             raise ValidationError(f"refert_num must be 1 or 5, got {self.refert_num!r}")
-        if self.clip_len < 2 * self.refert_num:
-            raise ValidationError(f"clip_len {self.clip_len} is too short to carry {self.refert_num} frames "
-                                  f"between segments: use clip_len >= {2 * self.refert_num + 3}")
         if not isinstance(self.guide_scale, (int, float)) or not math.isfinite(self.guide_scale) or self.guide_scale < 1:
             raise ValidationError(f"guide_scale must be a finite number >= 1 (1 disables guidance), got {self.guide_scale!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
@@ -331,6 +328,11 @@ class Pipeline:
                   generator: torch.Generator | None) -> GenerationResult:
         height, width = size
         plan = plan_segments(len(pose), options.clip_len, options.refert_num)
+        if len(plan.segments) >= 3 and options.clip_len - options.refert_num < options.refert_num:
+            # The official code carries frames out of the previous segment's trimmed output, which
+            # has only clip_len - refert_num frames: from the third segment on it has too few.
+            raise ValidationError(f"clip_len {options.clip_len} is too short to carry {options.refert_num} frames "
+                                  f"through {len(plan.segments)} segments: use clip_len >= {2 * options.refert_num + 3}")
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         note = trace or (lambda name, value: None)

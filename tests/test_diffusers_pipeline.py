@@ -94,10 +94,11 @@ Known differences (each pinned by a test below, so a change on either side shows
 14. Seeds: diffusers draws from whatever generator it is given (a CUDA generator gives another
     stream); the official uses a CUDA generator; wanimate always uses a CPU generator.
 15. Options: diffusers rounds a `segment_frame_length` that is not 4n+1 down with a warning;
-    wanimate raises ValidationError. wanimate also rejects clip_len < 2 * refert_num (e.g. 9 with
-    refert_num 5). diffusers accepts that pair, then plans target // stride segments, one too many
-    when refert_num > stride, and stops on its own `assert` after the first segment. diffusers
-    has no relighting-LoRA flag (NOTES §15.5 item 5).
+    wanimate raises ValidationError. For clip_len 9 with refert_num 5 wanimate, like the official
+    loop, runs up to two segments (a third would need more carried frames than the trimmed output
+    holds: refused up front); diffusers plans target // stride segments, one too many when
+    refert_num > stride, and stops on its own `assert` after the first segment. diffusers has no
+    relighting-LoRA flag (NOTES §15.5 item 5).
 """
 from __future__ import annotations
 
@@ -458,13 +459,13 @@ def test_inputs_up_to_refert_frames_fail_in_diffusers(models, n, clip_len, refer
 
 
 def test_option_handling_differs(models):
-    """Difference 15: wanimate refuses clip_len 9 with refert_num 5 up front; diffusers takes it,
-    then plans target // stride = one segment too many when refert_num > stride and stops on its
-    own `assert` (the official loop would run the right number)."""
+    """Difference 15: clip_len 9 with refert_num 5: wanimate plans the official number of segments
+    (one for these 6 frames); diffusers plans target // stride = one segment too many when
+    refert_num > stride and stops on its own `assert`."""
     with pytest.raises(ValidationError, match="4n\\+1"):
         GenerateOptions(clip_len=7).validate()
-    with pytest.raises(ValidationError, match="too short"):
-        GenerateOptions(clip_len=9, refert_num=5).validate()
+    GenerateOptions(clip_len=9, refert_num=5).validate()
+    assert len(plan_segments(6, 9, 5).segments) == 1
     x = _inputs(_seed(), 6, 16, 16)
     calls = []
     pipe = models.theirs()
