@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .errors import CheckpointError
-from .safetensors_io import (MANIFEST_NAME, read_header, read_manifest, save_file, sha256_file, write_manifest)
+from .safetensors_io import MANIFEST_NAME, read_header, sha256_file, write_manifest
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ architecture shrunk so that a CPU forward takes about a second; its weights come
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import ValidationError

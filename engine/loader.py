@@ -28,7 +28,7 @@ import torch.nn as nn
 from .config import DiTConfig
 from .errors import CheckpointError
 from .model import Blur, WanAnimateDiT
-from .safetensors_io import MANIFEST_NAME, read_header, read_manifest, read_tensors
+from .safetensors_io import read_header, read_manifest, read_tensors
 
 DIT_WEIGHTS = "diffusion_pytorch_model"
 
@@ -450,7 +450,7 @@ def load_dit(ckpt_dir: Path, *, dtype: torch.dtype = torch.bfloat16, device: tor
     try:
         assign_weights(model, pairs, dtype=dtype, device=device, source=str(ck.directory))
     except BaseException:
-        del model           # nothing half-loaded survives
+        model = None        # the traceback keeps this frame alive: drop the half-loaded module
         raise
     if pending:
         raise CheckpointError(f"{ck.directory}: face-adapter halves without a partner: {sorted(k for k, _ in pending)}")

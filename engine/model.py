@@ -304,7 +304,7 @@ class FaceBlock(nn.Module):
     def forward(self, x: torch.Tensor, motion: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x [B, L, C] residual stream, motion [B, F+1, N, C] -> residual update [B, L, C]."""
         b, l, c = x.shape
-        frames, n = motion.shape[1], motion.shape[2]
+        frames = motion.shape[1]                                            # F+1 latent frames
         fused = self.kernels and kernels.supported(x)
         kv = self.linear1_kv(layer_norm(motion, self.eps).to(dtype))       # [B, F+1, N, 2C]
         k, v = kv.unflatten(-1, (2, self.heads, -1)).unbind(-3)            # [B, F+1, N, H, D] each
@@ -496,9 +496,8 @@ class WanAnimateDiT(nn.Module):
 
     # -- step-independent work ------------------------------------------------------------------
 
-    def encode_motion(self, face_pixels: torch.Tensor) -> torch.Tensor:
-        """face_pixels [B, 3, T, S, S] in [-1, 1] -> motion tokens [B, F+1, 5, C] (frame 0 = zeros,
-        the reference frame). The LIA encoder sees one frame at a time, `motion_batch` per call."""
+    def motion_vectors(self, face_pixels: torch.Tensor) -> torch.Tensor:
+        """face_pixels [B, 3, T, S, S] in [-1, 1] -> LIA motion vectors [B, T, D] fp32, one per frame."""
         b, _, t, s, _ = face_pixels.shape
         if s != self.cfg.motion_size:   # only the tiny preset uses smaller crops
             face_pixels = F.interpolate(face_pixels.transpose(1, 2).flatten(0, 1).float(),
@@ -507,9 +506,17 @@ class WanAnimateDiT(nn.Module):
         # The official code runs 8 frames per call; per-frame results do not depend on the batch, and
         # on a GPU 32 frames per call keep the small 512x512 convolutions busy (bounded memory).
         chunk = self.cfg.motion_batch if frames.device.type == "cpu" else max(self.cfg.motion_batch, 32)
-        motion = torch.cat([self.motion_encoder(c) for c in frames.split(chunk)])
-        tokens = self.face_encoder(motion.unflatten(0, (b, t)), self.dtype)  # [B, F, 5, C]
-        return torch.cat([tokens.new_zeros(b, 1, *tokens.shape[2:]), tokens], dim=1)
+        return torch.cat([self.motion_encoder(c) for c in frames.split(chunk)]).unflatten(0, (b, t))
+
+    def motion_tokens(self, motion: torch.Tensor) -> torch.Tensor:
+        """motion vectors [B, T, D] -> face-adapter tokens [B, F+1, 5, C] (frame 0 = zeros: the
+        reference frame)."""
+        tokens = self.face_encoder(motion, self.dtype)                      # [B, F, 5, C]
+        return torch.cat([tokens.new_zeros(tokens.shape[0], 1, *tokens.shape[2:]), tokens], dim=1)
+
+    def encode_motion(self, face_pixels: torch.Tensor) -> torch.Tensor:
+        """face_pixels [B, 3, T, S, S] in [-1, 1] -> motion tokens [B, F+1, 5, C]."""
+        return self.motion_tokens(self.motion_vectors(face_pixels))
 
     def embed_context(self, context: torch.Tensor | list[torch.Tensor], clip_fea: torch.Tensor) -> torch.Tensor:
         """T5 context (list of [L_i, text_dim] or [B, L, text_dim], zero-padded here to text_len and

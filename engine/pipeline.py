@@ -400,7 +400,9 @@ class Pipeline:
             note(f"seg{k}.y", y[0])
 
             where["stage"] = f"segment {k + 1}/{len(plan.segments)}: motion encoder and DiT prepare"
-            motion = self.dit.encode_motion(face_px)
+            vectors = self.dit.motion_vectors(face_px)
+            note(f"seg{k}.motion", vectors[0])
+            motion = self.dit.motion_tokens(vectors)
             if guided:
                 motion = torch.cat([motion, self._black_face_motion(t, face.size[0])])
             if guided and options.batch_cfg:
