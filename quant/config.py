@@ -63,7 +63,7 @@ ACTIVATION_SCHEMES = ("fp8", "int8")
 DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
     (p, "int8_wo") for p in GROUPS["cross_attn_kv"] + GROUPS["face_adapter"])
 
-KERNELS = ("auto", "reference")
+KERNELS = ("auto", "no_triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,10 @@ class QuantConfig:
     overrides: (fnmatch pattern, scheme) pairs, first match wins: that layer uses that scheme instead.
         None = DEFAULT_OVERRIDES for fp8/int8 and none for the weight-only schemes.
     fast_accum: FP8 only: cuBLASLt's fast accumulation (the torchao default for inference).
-    kernel: "auto" uses the GPU kernels where their guard allows; "reference" always runs the
-        pure-torch path (the exact CPU emulation), to measure the kernels against it.
+    kernel: "auto" uses the GPU kernels where their guard allows; "no_triton" keeps the vendor GEMMs
+        (torch._scaled_mm, torch._int_mm, bitsandbytes) but quantizes activations and applies the
+        INT8 epilogue in eager torch (a fallback, and the ablation of the fused kernels);
+        "reference" always runs the pure-torch path (the exact CPU emulation).
     nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64)."""
     scheme: str = "fp8"
     keep: tuple[str, ...] = DEFAULT_KEEP
