@@ -242,7 +242,7 @@ def bench_gemm(b: Bench, sizes, schemes):
                 b.guarded("gemm", {"size": size, "tokens": m, "k": k, "n": n, "row": name}, measure)
 
             row("bf16 F.linear", lambda: F.linear(x, lin.weight, lin.bias), "bf16")
-            for scheme in [s for s in schemes if s != "bf16" and "/" not in s]:
+            for scheme in [s for s in schemes if s != "bf16" and "/" not in s and "+" not in s]:
                 if scheme == "nf4" and not _bnb(b):
                     continue
                 try:
@@ -342,8 +342,11 @@ def bench_dit(b: Bench, sizes, schemes):
             b.sync()
             built = time.perf_counter() - t0
             t0 = time.perf_counter()
-            name, _, kernel = scheme.partition("/")          # "fp8/no_triton": a per-row kernel choice
-            names = quantize_(model, QuantConfig(name, kernel=kernel or b.kernel)) if name != "bf16" else []
+            # "fp8/no_triton": a per-row kernel choice; "fp8+edge1": first and last block kept in bf16
+            name, _, kernel = scheme.partition("/")
+            name, _, edge = name.partition("+edge")
+            qcfg = QuantConfig(name, kernel=kernel or b.kernel, keep_edge_blocks=int(edge or 0)) if name != "bf16" else None
+            names = quantize_(model, qcfg) if qcfg else []
             b.sync()
             nbytes = weight_bytes(model)
             return {"build_s": round(built, 1), "quantize_s": round(time.perf_counter() - t0, 1),
@@ -433,7 +436,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_quant.json)")
     ap.add_argument("--sizes", default="480p,720p")
     ap.add_argument("--schemes", default="bf16,fp8,int8_wo,int8,nf4",
-                    help="DiT/GEMM rows; a DiT row may name its kernel choice, e.g. fp8/no_triton")
+                    help="DiT/GEMM rows; DiT-only variants: fp8/no_triton (eager act quant), fp8+edge1 (first/last block bf16)")
     ap.add_argument("--parts", default="checks,gemm,dit")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reps-720p", type=int, default=2)
