@@ -2,7 +2,7 @@
 
     python bench/quant.py [--out FILE] [--sizes 480p,720p] [--schemes bf16,fp8,int8_wo,int8,nf4]
                           [--parts checks,gemm,dit] [--reps 3] [--reps-720p 2]
-                          [--with-kernels]
+                          [--with-kernels] [--kernel auto|no_triton]
     python bench/quant.py --smoke            # CPU, toy sizes: the same code path end to end
 
 Parts (every row catches OOM and other errors, records them, frees memory and goes on; the JSON is
@@ -10,6 +10,7 @@ rewritten after each row, so a timeout keeps what was measured):
 1. checks: the Triton activation quantizer and INT8 epilogue against their torch references on
    this GPU (bit-exact expected), and the FP8 module (torch._scaled_mm) against the exact
    emulation (rel L2; fast accumulation on and off).
+   If they fail, every later row falls back to kernel=no_triton (eager-torch activation quant).
 2. gemm: tokens x 5120 -> 5120 and -> 13824 (and 13824 -> 5120, the FFN down-projection) at
    32,760 (480p) and 75,600 (720p) tokens: bf16 F.linear; each scheme's module forward (activation
    quantization included); the bare FP8/INT8 GEMMs (pre-quantized inputs); FP8 with the eager-torch
@@ -75,6 +76,7 @@ class Bench:
         self.device = "cpu" if args.smoke else "cuda"
         self.cuda = self.device == "cuda"
         self.results = {"env": {}, "checks": [], "gemm": [], "dit": [], "summary": {}}
+        self.kernel = args.kernel          # QuantConfig.kernel for every quantized row
         self.out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "bench_quant.json"
 
     def sync(self):
@@ -227,11 +229,11 @@ def bench_gemm(b: Bench, sizes, schemes):
                 b.guarded("gemm", {"size": size, "tokens": m, "k": k, "n": n, "row": name}, measure)
 
             row("bf16 F.linear", lambda: F.linear(x, lin.weight, lin.bias), "bf16")
-            for scheme in [s for s in schemes if s != "bf16"]:
+            for scheme in [s for s in schemes if s != "bf16" and "/" not in s and "+" not in s]:
                 if scheme == "nf4" and not _bnb(b):
                     continue
                 try:
-                    mod = get_scheme(scheme).from_linear(lin, QuantConfig(scheme))
+                    mod = get_scheme(scheme).from_linear(lin, QuantConfig(scheme, kernel=b.kernel))
                 except Exception as e:
                     b.guarded("gemm", {"size": size, "k": k, "n": n, "row": f"{scheme} module"}, lambda e=e: {"error": repr(e)})
                     continue
@@ -317,7 +319,7 @@ def bench_dit(b: Bench, sizes, schemes):
     cfg = dit_config(b)
     refs: dict[str, object] = {}
     for scheme in schemes:
-        if scheme == "nf4" and not _bnb(b) and b.cuda:
+        if scheme.startswith("nf4") and not _bnb(b) and b.cuda:
             print("  bitsandbytes not importable: nf4 runs its torch dequantization", flush=True)
         state: dict = {}
 
@@ -327,7 +329,11 @@ def bench_dit(b: Bench, sizes, schemes):
             b.sync()
             built = time.perf_counter() - t0
             t0 = time.perf_counter()
-            names = quantize_(model, QuantConfig(scheme)) if scheme != "bf16" else []
+            # "fp8/no_triton": a per-row kernel choice; "fp8+edge1": first and last block kept in bf16
+            name, _, kernel = scheme.partition("/")
+            name, _, edge = name.partition("+edge")
+            qcfg = QuantConfig(name, kernel=kernel or b.kernel, keep_edge_blocks=int(edge or 0)) if name != "bf16" else None
+            names = quantize_(model, qcfg) if qcfg else []
             b.sync()
             nbytes = weight_bytes(model)
             return {"build_s": round(built, 1), "quantize_s": round(time.perf_counter() - t0, 1),
@@ -416,10 +422,13 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU, toy sizes")
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_quant.json)")
     ap.add_argument("--sizes", default="480p,720p")
-    ap.add_argument("--schemes", default="bf16,fp8,int8_wo,int8,nf4")
+    ap.add_argument("--schemes", default="bf16,fp8,int8_wo,int8,nf4",
+                    help="DiT/GEMM rows; DiT-only variants: fp8/no_triton (eager act quant), fp8+edge1 (first/last block bf16)")
     ap.add_argument("--parts", default="checks,gemm,dit")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reps-720p", type=int, default=2)
+    ap.add_argument("--kernel", default="auto", choices=("auto", "no_triton"),
+                    help="QuantConfig.kernel: no_triton quantizes activations in eager torch (an ablation)")
     ap.add_argument("--with-kernels", action="store_true",
                     help="DiT rows with the fused norm/RoPE kernels of engine/transforms.py (if present), every scheme alike")
     args = ap.parse_args(argv)
@@ -440,6 +449,11 @@ def main(argv=None):
     t0 = time.perf_counter()
     if "checks" in parts:
         bench_checks(b)
+        broken = [r for r in b.results["checks"] if r["check"].startswith(("per-token", "int8 epilogue")) and "error" in r]
+        if broken and b.kernel == "auto":
+            b.kernel = "no_triton"
+            b.results["env"]["kernel_fallback"] = "the Triton checks failed: rows use kernel=no_triton (eager act quant)"
+            print("  " + b.results["env"]["kernel_fallback"], flush=True)
     if "gemm" in parts:
         bench_gemm(b, sizes, schemes)
     if "dit" in parts:

@@ -8,7 +8,11 @@ Schemes (quant/registry.py; each a QuantLinear subclass in its own file):
     int8     W8A8 per-channel / per-token, torch._int_mm + fused epilogue
     int8_wo  int8 weights, bf16 activations (any GPU)
     nf4      4-bit NormalFloat weights, bitsandbytes layout (smallest)
-Offline: quant/checkpoint.py (`quantize_checkpoint`, `load_quantized_dit`); errors: quant/report.py.
+Policy (quant/config.py, measured in quant/report.py): the embeddings stay bf16; with fp8/int8 the
+cross-attention context projections and the face adapter use int8_wo (same bytes, less error);
+time embedding/projection and the head are never touched (engine/model.py reads their weights).
+Offline: quant/checkpoint.py (`quantize_checkpoint`, `load_quantized_dit`); errors: quant/report.py;
+LoRA merging: engine/lora.py. Apply quantize_ after any dtype change of the model.
 """
 from . import fp8, int8, nf4  # noqa: F401  (register the built-in schemes)
 from .api import convert_for_runtime, create_quantized_state_dict, quantize_, quantized_modules, weight_bytes

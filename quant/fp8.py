@@ -68,8 +68,8 @@ class Fp8Linear(QuantLinear):
     def gemm_ok(self, x: torch.Tensor) -> bool:
         """The kernel-vs-reference guard: torch._scaled_mm rowwise takes bf16-out problems on sm89+
         with K, N multiples of 16; anything else (CPU, fp32 activations, kernel="reference") runs the
-        emulation."""
-        return (self.config.kernel == "auto" and x.dtype == torch.bfloat16 and cuda_capability_ok(x, self.min_capability)
+        emulation. The activation quantizer is the Triton kernel only with kernel="auto"."""
+        return (self.config.kernel != "reference" and x.dtype == torch.bfloat16 and cuda_capability_ok(x, self.min_capability)
                 and self.in_features % 16 == 0 and self.out_features % 16 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

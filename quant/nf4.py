@@ -57,7 +57,7 @@ def _bnb_usable(t: torch.Tensor) -> bool:
 
 def nf4_dequantize(packed, absmax, blocksize, shape, dtype, kernel: str = "auto") -> torch.Tensor:
     """The kernel-vs-reference choice: bitsandbytes' CUDA kernel when importable, else the torch path."""
-    if kernel == "auto" and _bnb_usable(packed):
+    if kernel != "reference" and _bnb_usable(packed):
         import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
         return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, "nf4", list(shape), dtype)
     return nf4_dequantize_ref(packed, absmax, blocksize, shape, dtype)

@@ -23,6 +23,11 @@ Measured (bench/quant_accuracy.py, CPU, bf16 reference; DiT output = one call's 
     14B arch, 5 blocks, 192 tok   uncompensated   4.6%    13.1%   1.6%      20.5%
     tiny (recipe), 5 blocks       none            1.8%    0.6%    0.5%      4.9%    (earlier policy*)
     per-layer (14B, compensated)                  3.7%    25-34%  0.9-2.6%  9-10%   (block linears)
+    fp8 variants, 14B 5 blocks:  default + first/last block kept 2.3% / 3.3% (comp. / uncomp.);
+                                 without the int8_wo overrides 3.7% / 6.3%
+    depth, compensated:          14B arch 10 blocks: fp8 3.6%, int8_wo 2.3% (5 blocks: 2.8%, 1.9%).
+    The output error grows about as depth^(1/3) here, so 40 blocks extrapolate to ~5-6% for fp8 on
+    random weights (bench/quant.py measures it on the GPU; a trained model's sensitivity differs).
 
 * the tiny rows used the earlier default (face adapter in bf16, no overrides). Reading: e4m3 costs
 ~3.7% per layer whatever the outliers (it has an exponent); per-token INT8 loses the small channels

@@ -12,17 +12,17 @@ from wanimate.bench import quant as bench
 @pytest.mark.slow
 def test_bench_quant_smoke(tmp_path):
     out = tmp_path / "q.json"
-    res = bench.main(["--smoke", "--out", str(out), "--sizes", "480p", "--schemes", "bf16,fp8,int8,int8_wo,nf4"])
+    res = bench.main(["--smoke", "--out", str(out), "--sizes", "480p", "--schemes", "bf16,fp8,int8,int8_wo,nf4,fp8+edge1,fp8/no_triton"])
     saved = json.loads(out.read_text())
     assert saved["summary"] == res["summary"]
     for part in ("checks", "gemm", "dit"):
         assert res[part] and not [r for r in res[part] if "error" in r], [r for r in res[part] if "error" in r]
     assert all(r["mismatched_values"] == 0 for r in res["checks"] if "mismatched_values" in r)
     denoise = {r["scheme"]: r for r in res["dit"] if r["what"] == "denoise"}
-    assert set(denoise) == {"bf16", "fp8", "int8", "int8_wo", "nf4"}
+    assert set(denoise) == {"bf16", "fp8", "int8", "int8_wo", "nf4", "fp8+edge1", "fp8/no_triton"}
     assert all(r["finite"] for r in denoise.values())
     assert 0 < denoise["fp8"]["rel_l2_vs_bf16"] < 0.2
     built = {r["scheme"]: r for r in res["dit"] if r["what"] == "build + quantize"}
-    assert built["fp8"]["quantized_linears"] > 0 and built["bf16"]["quantized_linears"] == 0
+    assert built["fp8"]["quantized_linears"] > built["fp8+edge1"]["quantized_linears"] > 0 == built["bf16"]["quantized_linears"]
     assert "target_fp8_weight_gb" in res["summary"]
     assert torch.get_num_threads() >= 1
