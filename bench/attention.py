@@ -46,12 +46,18 @@ def sweep_candidates(kernel: str, A) -> list:
     """Hopper-minded candidates. BLOCK_M 128 over 8 warps: one 64-row wgmma tile per warpgroup, 1
     CTA per SM. BLOCK_M 64 over 4 warps with TMA: ~185 registers, so 2 independent CTAs per SM
     whose softmax and MMAs fall out of phase (what FA3's ping-pong schedules by hand). TMA (sage
-    only) frees ~70 registers at 128x128 (255 -> ~180, offline sm_90 compile)."""
-    C = A.AttnConfig
+    only) frees ~70 registers at 128x128 (255 -> ~180, offline sm_90 compile). The sage variants
+    (same math): xpipe leaves P·V in flight across the loop edge, xws is Triton's warp
+    specialization, xpoly moves half the exponentials to the FMA pipe, xr<N> caps registers."""
+    C, P = A.AttnConfig, A.parse_config
     if kernel == "sage":     # int8/fp8 tiles: a 128x128 K + V stage is 32 KB
-        return [C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 64, 8, 3),
-                C(128, 128, 8, 2, True), C(128, 128, 8, 3, True), C(128, 128, 8, 4, True), C(128, 64, 8, 3, True),
-                C(64, 128, 4, 2, True), C(64, 128, 4, 3, True), C(64, 64, 4, 3, True)]
+        base = [C(128, 128, 8, 3), C(128, 128, 8, 3, True), C(64, 128, 4, 2, True), C(64, 128, 4, 3, True),
+                C(64, 64, 4, 3, True)]
+        variants = ["64x128x4x4xtma", "64x128x4x3xtmaxpipe", "64x128x4x4xtmaxpipe", "64x128x4x3xtmaxpoly",
+                    "64x128x4x3xtmaxpipexpoly", "64x128x4x3xtmaxr168", "64x128x4x3xtmaxpipexr168",
+                    "128x128x8x3xtmaxpipe", "128x128x8x3xpipe", "64x64x4x3xtmaxpipe", "64x128x4x3xtmaxws",
+                    "128x128x8x3xtmaxws"]
+        return base + [P(v) for v in variants]
     return [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 128, 8, 2), C(64, 64, 4, 3),
             C(64, 128, 4, 2)]
 
@@ -78,7 +84,8 @@ def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_
         if cfg.tma:
             sig.update(Q8=f"tensordesc<i8[{cfg.block_m}, {d}]>", K8=f"tensordesc<i8[{cfg.block_n}, {d}]>",
                        VT8=f"tensordesc<fp8e4nv[{d}, {cfg.block_n}]>")
-        consts = {"D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "TMA": cfg.tma, "INTERP": False}
+        consts = {"D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "TMA": cfg.tma, "PIPE": cfg.pipe,
+                  "WS": cfg.ws, "POLY": cfg.poly, "INTERP": False}
     else:
         fn = A._attn_fwd
         sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16"}
@@ -92,7 +99,8 @@ def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_
              if t != "constexpr" and not t.startswith("tensordesc") and n not in unaligned}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", capability, 32),
-                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                    **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rec = {"shared_kib": round(k.metadata.shared / 1024, 1)}
     if not tool.exists():
