@@ -54,10 +54,9 @@ def sweep_candidates(kernel: str, A) -> list:
     if kernel == "sage":     # int8/fp8 tiles: a 128x128 K + V stage is 32 KB
         base = [C(128, 128, 8, 3), C(128, 128, 8, 3, True), C(64, 128, 4, 2, True), C(64, 128, 4, 3, True),
                 C(64, 64, 4, 3, True)]
-        variants = ["64x128x4x4xtma", "64x128x4x3xtmaxpipe", "64x128x4x4xtmaxpipe", "64x128x4x3xtmaxpoly",
-                    "64x128x4x3xtmaxpipexpoly", "64x128x4x3xtmaxr168", "64x128x4x3xtmaxpipexr168",
-                    "128x128x8x3xtmaxpipe", "128x128x8x3xpipe", "64x64x4x3xtmaxpipe", "64x128x4x3xtmaxws",
-                    "128x128x8x3xtmaxws"]
+        variants = ["64x128x4x4xtma", "64x128x4x3xtmaxpoly", "128x128x8x3xtmaxpoly", "64x128x4x3xtmaxr168",
+                    "64x128x4x3xtmaxpipe", "128x128x8x3xtmaxpipe", "64x64x4x3xtmaxpipe", "64x128x4x3xtmaxpipexpoly",
+                    "64x128x4x3xtmaxws", "128x128x8x3xtmaxws"]
         return base + [P(v) for v in variants]
     return [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 128, 8, 2), C(64, 64, 4, 3),
             C(64, 128, 4, 2)]

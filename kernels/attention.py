@@ -501,7 +501,13 @@ if triton is not None:
         next iteration and read after that iteration's first full wait may stay in flight
         ("properly async"). The two-level accumulation is unchanged: the same fma(acc, alpha,
         P·V) per tile, in the same order. The last tile is peeled (always masked: a no-op when
-        Lk is a multiple of BLOCK_N)."""
+        Lk is a multiple of BLOCK_N).
+
+        Known problem (offline sm_90 compile, triton 3.9, ptxas 12.9/13): Triton's PTX leaves the
+        P·V wgmma in flight, but ptxas then reports C7515 ("wgmma.mma_async instructions are
+        serialized due to non wgmma instructions defining accumulator registers"; likely the
+        zero-fill of the fresh product's registers) and waits after every wgmma k-step, QK
+        included. Measure before use; the fix needs the zero-fill gone (e.g. a Gluon kernel)."""
         n_tiles = tl.cdiv(Lk, BLOCK_N)
         pv = tl.zeros_like(acc)
         alpha = tl.full(l_i.shape, 1.0, tl.float32)
