@@ -9,8 +9,9 @@ kernels, and the 14B DiT forward at 480p / 720p with each backend.
 Sections, in order (the JSON is rewritten after every row, so a timeout keeps what finished):
   compile  (only on request; no GPU needed) every sweep candidate compiled for sm_90 by Triton's
            bundled ptxas: registers, spills, shared memory, instructions per key tile
-  sweep    each candidate config of the 'sage' and 'triton' kernels at the largest token count:
-           time + error; the fastest correct one is `chosen_config` and is used below
+  sweep    each candidate config of the 'sage' and 'triton' kernels (--sweep-kernels) at each of
+           --sweep-tokens (default 75,600), with SDPA on the same inputs: time + error; the
+           fastest correct one at the first token count is `chosen_config` and is used below
   kernels  B=1, H=40, D=128 bf16 at 32,760 / 34,320 / 75,600 tokens: sdpa, flash / xformers (if
            installed), triton, sage (plus sage's quantization and attention kernel alone).
            TFLOP/s-equivalent = 4·L²·H·D / time. Error of each vs fp32 SDPA on the first 4 heads,
@@ -46,12 +47,17 @@ def sweep_candidates(kernel: str, A) -> list:
     """Hopper-minded candidates. BLOCK_M 128 over 8 warps: one 64-row wgmma tile per warpgroup, 1
     CTA per SM. BLOCK_M 64 over 4 warps with TMA: ~185 registers, so 2 independent CTAs per SM
     whose softmax and MMAs fall out of phase (what FA3's ping-pong schedules by hand). TMA (sage
-    only) frees ~70 registers at 128x128 (255 -> ~180, offline sm_90 compile)."""
-    C = A.AttnConfig
+    only) frees ~70 registers at 128x128 (255 -> ~180, offline sm_90 compile). The sage variants
+    (same math): xpipe leaves P·V in flight across the loop edge, xws is Triton's warp
+    specialization, xpoly moves half the exponentials to the FMA pipe, xr<N> caps registers."""
+    C, P = A.AttnConfig, A.parse_config
     if kernel == "sage":     # int8/fp8 tiles: a 128x128 K + V stage is 32 KB
-        return [C(128, 128, 8, 2), C(128, 128, 8, 3), C(128, 64, 8, 3),
-                C(128, 128, 8, 2, True), C(128, 128, 8, 3, True), C(128, 128, 8, 4, True), C(128, 64, 8, 3, True),
-                C(64, 128, 4, 2, True), C(64, 128, 4, 3, True), C(64, 64, 4, 3, True)]
+        base = [C(128, 128, 8, 3), C(128, 128, 8, 3, True), C(64, 128, 4, 2, True), C(64, 128, 4, 3, True),
+                C(64, 64, 4, 3, True)]
+        variants = ["64x128x4x4xtma", "64x128x4x3xtmaxpoly", "128x128x8x3xtmaxpoly", "64x128x4x3xtmaxr168",
+                    "64x128x4x3xtmaxpipe", "128x128x8x3xtmaxpipe", "64x64x4x3xtmaxpipe", "64x128x4x3xtmaxpipexpoly",
+                    "64x128x4x3xtmaxws", "128x128x8x3xtmaxws"]
+        return base + [P(v) for v in variants]
     return [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 128, 8, 2), C(64, 64, 4, 3),
             C(64, 128, 4, 2)]
 
@@ -78,7 +84,8 @@ def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_
         if cfg.tma:
             sig.update(Q8=f"tensordesc<i8[{cfg.block_m}, {d}]>", K8=f"tensordesc<i8[{cfg.block_n}, {d}]>",
                        VT8=f"tensordesc<fp8e4nv[{d}, {cfg.block_n}]>")
-        consts = {"D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "TMA": cfg.tma, "INTERP": False}
+        consts = {"D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "TMA": cfg.tma, "PIPE": cfg.pipe,
+                  "WS": cfg.ws, "POLY": cfg.poly, "INTERP": False}
     else:
         fn = A._attn_fwd
         sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16"}
@@ -92,7 +99,8 @@ def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_
              if t != "constexpr" and not t.startswith("tensordesc") and n not in unaligned}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", capability, 32),
-                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                    **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     rec = {"shared_kib": round(k.metadata.shared / 1024, 1)}
     if not tool.exists():
@@ -116,7 +124,9 @@ def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_
         op = lambda t: (t.split()[1] if t.startswith("@") else t.split()[0])
         rec.update(loop_instructions=len(body), loop_mufu=sum(op(t).startswith("MUFU") for t in body),
                    loop_mma=sum("GMMA" in op(t) for t in body),
-                   loop_bar=sum(op(t).startswith("BAR") for t in body))
+                   loop_bar=sum(op(t).startswith("BAR") for t in body),
+                   # wgmma waits per key tile: 2 = both MMAs synchronous; 1 = P·V left in flight (pipe)
+                   loop_wgmma_wait=sum(op(t).startswith("WARPGROUP.DEPBAR") for t in body))
     return rec
 
 
@@ -249,32 +259,46 @@ class Bench:
                 "rel_l2": round(float((o - r).norm() / r.norm()), 5),
                 "max_abs": round(float((o - r).abs().max()), 5)}
 
-    def sweep(self, tokens: int):
+    def sweep(self, tokens_list):
+        """Every candidate at each token count (the first is the one `chosen_config` is picked at),
+        with SDPA timed on the same inputs for the ratio."""
         from wanimate.kernels import attention as A
-        q, k, v, ref, nh = self.qkv(tokens)
-        flops = 4 * tokens * tokens * self.heads * self.head_dim
+        torch = self.torch
         tol = {"sage": 0.05, "triton": 0.01}
-        cands = {"sage": sweep_candidates("sage", A), "triton": sweep_candidates("triton", A)}
+        cands = {k: sweep_candidates(k, A) for k in self.args.sweep_kernels}
         if self.args.smoke:
-            cands = {"sage": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1, True)],
+            smoke = {"sage": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1, True), A.parse_config("32x32x4x1xpipexpoly")],
                      "triton": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1)]}
-        for kernel, configs in cands.items():
-            best = None
-            for cfg in configs:
-                fn = (lambda c=cfg: A.sage_attention(q, k, v, config=c)) if kernel == "sage" else \
-                     (lambda c=cfg: A.triton_attention(q, k, v, config=c))
+            cands = {k: smoke[k] for k in cands}
+        for i, tokens in enumerate(tokens_list):
+            q, k, v, ref, nh = self.qkv(tokens)
+            flops = 4 * tokens * tokens * self.heads * self.head_dim
+            sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-                def measure(fn=fn):
-                    t, tmin = self.time(fn, self.args.sweep_reps)
-                    return {"ms": round(t * 1e3, 3), "tflops": round(flops / t / 1e12, 1),
-                            **self.error(fn(), ref, nh)}
-                r = self.row("sweep", measure, kernel=kernel, tokens=tokens, config=cfg.spec)
-                if r["status"] == "ok" and r["rel_l2"] <= tol[kernel] and (best is None or r["ms"] < best[1]):
-                    best = (cfg.spec, r["ms"])
-            if best:
-                self.result["chosen_config"][kernel] = best[0]
-                print(f"chosen {kernel} config: {best[0]} ({best[1]} ms at {tokens} tokens)", flush=True)
-        del q, k, v, ref
+            def measure(fn):
+                t, tmin = self.time(fn, self.args.sweep_reps)
+                return {"ms": round(t * 1e3, 3), "min_ms": round(tmin * 1e3, 3),
+                        "tflops": round(flops / t / 1e12, 1), **self.error(fn(), ref, nh)}
+            r = self.row("sweep", lambda: measure(sdpa), kernel="sdpa", tokens=tokens, config="-")
+            sdpa_ms = r.get("ms") if r["status"] == "ok" else None
+            for kernel, configs in cands.items():
+                best = None
+                for cfg in configs:
+                    fn = (lambda c=cfg: A.sage_attention(q, k, v, config=c)) if kernel == "sage" else \
+                         (lambda c=cfg: A.triton_attention(q, k, v, config=c))
+                    r = self.row("sweep", lambda fn=fn: measure(fn), kernel=kernel, tokens=tokens, config=cfg.spec)
+                    if r["status"] == "ok" and sdpa_ms:
+                        r["vs_sdpa"] = round(sdpa_ms / r["ms"], 3)
+                        self.save()
+                    if r["status"] == "ok" and r["rel_l2"] <= tol[kernel] and (best is None or r["ms"] < best[1]):
+                        best = (cfg.spec, r["ms"])
+                if best and i == 0:
+                    self.result["chosen_config"][kernel] = best[0]
+                if best:
+                    print(f"fastest {kernel} config at {tokens} tokens: {best[0]} ({best[1]} ms)", flush=True)
+            del q, k, v, ref
+            self.free()
 
     def kernels(self, tokens_list):
         from wanimate.engine import attention as E
@@ -454,10 +478,18 @@ class Bench:
         if comp:
             print("\n== offline sm_90 compile: registers / spill stack / shared KiB / instructions per key tile")
             for r in comp:
-                print(f"{r['kernel']:<7} {r['config']:<18} " + (
+                print(f"{r['kernel']:<7} {r['config']:<28} " + (
                     f"regs {r.get('registers')} stack {r.get('stack_bytes')} smem {r.get('shared_kib')} "
                     f"loop {r.get('loop_instructions')} (MUFU {r.get('loop_mufu')}, MMA {r.get('loop_mma')}, "
-                    f"BAR {r.get('loop_bar')})" if r["status"] == "ok" else r.get("error", "")))
+                    f"BAR {r.get('loop_bar')}, wgmma waits {r.get('loop_wgmma_wait')})" if r["status"] == "ok"
+                    else r.get("error", "")))
+        sw = [r for r in rows if r["section"] == "sweep"]
+        if sw:
+            print("\n== sweep (quantization + attention; TFLOP/s-equivalent = 4 L^2 H D / t; error vs fp32 SDPA)")
+            print(f"{'tokens':>7} {'kernel':<7} {'config':<28} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'cos':>9} {'rel_l2':>8}")
+            for r in sw:
+                print(f"{r['tokens']:>7} {r['kernel']:<7} {r['config']:<28} {r.get('ms', '-'):>9} {r.get('tflops', '-'):>8} "
+                      f"{r.get('vs_sdpa', '-'):>7} {r.get('cos', '-'):>9} {r.get('rel_l2', r.get('error', '-'))!s:>8}")
         print("\n== attention kernels (TFLOP/s-equivalent = 4 L^2 H D / t; error vs fp32 SDPA, first 4 heads)")
         print(f"{'tokens':>7} {'backend':<22} {'ms':>9} {'TFLOP/s':>8} {'x sdpa':>7} {'cos':>9} {'rel_l2':>8}")
         for r in rows:
@@ -491,7 +523,8 @@ def parse(argv=None):
     ap.add_argument("--sections", default="sweep,kernels,dit",
                     help="comma list of sweep,kernels,dit; 'compile' (offline sm_90 compile, no GPU) on request")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--sweep-tokens", type=int, default=75600)
+    ap.add_argument("--sweep-tokens", default="75600", help="comma list; configs are chosen at the first")
+    ap.add_argument("--sweep-kernels", default="sage,triton", help="comma list of sage,triton")
     ap.add_argument("--resolutions", default="480p,720p")
     ap.add_argument("--reps", type=int, default=5, help="timed repeats per kernel row")
     ap.add_argument("--sweep-reps", type=int, default=3)
@@ -503,8 +536,11 @@ def parse(argv=None):
     args = ap.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
     args.tokens = [int(t) for t in args.tokens.split(",") if t]
+    args.sweep_tokens = [int(t) for t in args.sweep_tokens.split(",") if t]
+    args.sweep_kernels = [k for k in args.sweep_kernels.split(",") if k]
     args.resolutions = [r for r in args.resolutions.split(",") if r]
-    bad = set(args.sections) - {"compile", "sweep", "kernels", "dit"} or set(args.resolutions) - set(RESOLUTIONS)
+    bad = (set(args.sections) - {"compile", "sweep", "kernels", "dit"} or set(args.resolutions) - set(RESOLUTIONS)
+           or set(args.sweep_kernels) - {"sage", "triton"})
     if bad:
         ap.error(f"unknown sections/resolutions: {sorted(bad)}")
     return args
@@ -518,7 +554,7 @@ def main(argv=None) -> int:
     b = Bench(args)
     if args.smoke:
         b.heads, b.head_dim, args.preset = 2, 64, "tiny"
-        args.tokens, args.sweep_tokens, args.resolutions = [96, 150], 150, args.resolutions[:1]
+        args.tokens, args.sweep_tokens, args.resolutions = [96, 150], [150, 96], args.resolutions[:1]
         args.reps = args.sweep_reps = args.dit_reps = 1
     else:
         b.heads, b.head_dim, args.preset = HEADS, HEAD_DIM, "14b"

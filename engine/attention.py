@@ -121,8 +121,9 @@ def _load_sage(spec: str = "") -> AttentionFn:
 
     def sage_attention(q, k, v):
         cfg = _config(kernels, "sage", spec, q.device)
+        # spec carries the schedule variant flags (xpipe, xpoly, ...) the ints do not.
         return kernels.sage_attention_op(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, 1,
-                                         cfg.tma)
+                                         cfg.tma, spec=cfg.spec)
     return sage_attention
 
 

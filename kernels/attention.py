@@ -78,12 +78,20 @@ _MAGIC_F = 12582912.0                 # 1.5 * 2**23
 
 @dataclass(frozen=True)
 class AttnConfig:
-    """Launch parameters of one attention kernel. `block_n` is also the K quantization block."""
+    """Launch parameters of one attention kernel. `block_n` is also the K quantization block.
+    The sage kernel's variants (same math, other schedules; none is the default until a GPU
+    sweep picks it): `pipe` issues the next tile's Q·K before this tile's softmax (hand-written
+    software pipelining), `ws` asks Triton to warp-specialize the key loop, `poly` computes half
+    of the exponentials with a polynomial on the FMA pipe. `maxnreg` > 0 caps registers/thread."""
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
     tma: bool = False           # sage only: tiles through TMA descriptors instead of pointers
+    pipe: bool = False
+    ws: bool = False
+    poly: bool = False
+    maxnreg: int = 0
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -92,13 +100,25 @@ class AttnConfig:
                 raise ValidationError(f"AttnConfig.{name}={v} must be a power of two >= 16")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValidationError(f"AttnConfig num_warps={self.num_warps} / num_stages={self.num_stages} invalid")
+        if self.pipe and self.ws:
+            raise ValidationError("AttnConfig: pipe (hand-pipelined loop) and ws (Triton's) exclude each other")
+        if self.maxnreg and not 24 <= self.maxnreg <= 255:
+            raise ValidationError(f"AttnConfig.maxnreg={self.maxnreg} must be 0 (none) or in [24, 255]")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @property
+    def sage_only(self) -> bool:
+        return self.tma or self.pipe or self.ws or self.poly
+
+    @property
     def spec(self) -> str:
-        return f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}" + ("xtma" if self.tma else "")
+        flags = [n for n in _FLAGS if getattr(self, n)] + ([f"r{self.maxnreg}"] if self.maxnreg else [])
+        return "x".join([f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}", *flags])
+
+
+_FLAGS = ("tma", "pipe", "ws", "poly")      # spec suffixes, in this order; 'r<N>' is maxnreg
 
 
 # Per (kernel, compute capability major). Not yet measured on a GPU: chosen from an offline sm_90
@@ -119,12 +139,21 @@ INTERPRETER_CONFIG = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=
 
 
 def parse_config(spec: str) -> AttnConfig:
-    """'128x64x8x3' (BLOCK_M x BLOCK_N x num_warps x num_stages, optionally 'xtma') -> AttnConfig."""
+    """'128x64x8x3' (BLOCK_M x BLOCK_N x num_warps x num_stages), then optional flags 'xtma',
+    'xpipe', 'xws', 'xpoly', 'xr<maxnreg>' -> AttnConfig; e.g. '64x128x4x3xtmaxpipe'."""
     parts = spec.split("x")
-    tma = len(parts) == 5 and parts[4] == "tma"
-    if len(parts) - tma != 4 or not all(p.isdigit() for p in parts[:4]):
-        raise ValidationError(f"kernel config {spec!r} must read BLOCK_MxBLOCK_NxWARPSxSTAGES[xtma], e.g. 128x64x8x3")
-    return AttnConfig(*(int(p) for p in parts[:4]), tma=tma)
+    flags, maxnreg = {}, 0
+    for p in parts[4:]:
+        if p in _FLAGS and p not in flags:
+            flags[p] = True
+        elif p[:1] == "r" and p[1:].isdigit() and not maxnreg:
+            maxnreg = int(p[1:])
+        else:
+            parts = []                                                       # -> the error below
+    if len(parts) < 4 or not all(p.isdigit() for p in parts[:4]):
+        raise ValidationError(f"kernel config {spec!r} must read BLOCK_MxBLOCK_NxWARPSxSTAGES[xtma][xpipe|xws]"
+                              "[xpoly][xr<maxnreg>], e.g. 128x64x8x3 or 64x128x4x3xtmaxpipe")
+    return AttnConfig(*(int(p) for p in parts[:4]), **flags, maxnreg=maxnreg)
 
 
 def default_config(kernel: str, device: torch.device) -> AttnConfig:
@@ -379,38 +408,124 @@ if triton is not None:
         tl.store(XQ + base + cols[None, :] * LP + rows[:, None], xq)
 
     @triton.jit
+    def _sage_qk(q, K8, k_row0, start_n, offs_n, offs_d, D: tl.constexpr, TMA: tl.constexpr):
+        """int32 scores of the query tile against key tile [start_n, start_n + BLOCK_N)."""
+        if TMA:
+            k = K8.load([k_row0 + start_n, 0])                                       # [BN, D] int8
+        else:
+            k = tl.load(K8 + (start_n + offs_n[:, None]) * D + offs_d[None, :])
+        return tl.dot(q, tl.trans(k))                                              # [BM, BN] int32
+
+    @triton.jit
+    def _sage_load_vt(VT8, v_row0, start_n, LKP, offs_n, offs_d, TMA: tl.constexpr):
+        if TMA:
+            vt = VT8.load([v_row0, start_n])                                         # [D, BN] e4m3
+        else:
+            vt = tl.load(VT8 + offs_d[:, None] * LKP + (start_n + offs_n[None, :]))
+        return vt
+
+    @triton.jit
+    def _exp2_poly(t):
+        """2^t on the FMA/ALU pipes (FlashAttention-4's idea: part of the exponentials leave the
+        MUFU unit, which on Hopper is about as busy per tile as the tensor cores). t = n + x with
+        n = round(t) taken from the bits of t + 1.5*2^23 (no F2I: it issues on the slow pipe),
+        x in [-1/2, 1/2]; 2^x by a cubic fitted for relative error (max 7.5e-5, far under e4m3's
+        2^-4 step), then n is added to the exponent field. t is clamped at -120: there 2^t is
+        below anything e4m3 keeps (2^-9) and adds < 2^-113 to a row sum; -inf gives 2^-120."""
+        t = tl.maximum(t, -120.0)
+        tm = t + 12582912.0                                   # 1.5*2^23 + round(t), exactly
+        x = t - (tm - 12582912.0)
+        p = tl.fma(tl.fma(tl.fma(0.055171434, x, 0.24261081), x, 0.69326097), x, 0.99992812)
+        # (bits(tm) << 23) == round(t) << 23 mod 2^32: 0x4B400000's low 9 bits are zero.
+        bits = p.to(tl.int32, bitcast=True) + (tm.to(tl.int32, bitcast=True) << 23)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _sage_softmax(m_i, s, f, valid, MASK: tl.constexpr, POLY: tl.constexpr):
+        """One key tile's online-softmax step: s int32 scores, f [BM] the combined Q·K scale
+        (log2 e / sqrt(D) folded in), valid [BN] key mask (MASK). -> (p, m_new, alpha)."""
+        if MASK:
+            s = tl.where(valid[None, :], s, -(1 << 22))
+        m_new = tl.maximum(m_i, tl.max(s, 1).to(tl.float32) * f)
+        # sb = 1.5*2^23 + s exactly (no I2F); the offset is taken out inside the FFMA's bias.
+        # Rounding that bias costs ~1 unit of s, against the hundreds int8 rounding costs.
+        sb = (s + 0x4B400000).to(tl.float32, bitcast=True)
+        bias = (-m_new + _K_LOG2_FP8_MAX) - f * 12582912.0         # constexpr on the right: see _K_*
+        t = tl.fma(sb, f[:, None], bias[:, None])
+        if MASK:
+            t = tl.where(valid[None, :], t, float("-inf"))
+        if POLY:
+            # Odd key columns on the FMA pipe, even ones on MUFU: the two units share the tile's
+            # exponentials (per SM and tile the MUFU work alone is about as long as the MMAs).
+            # Each thread holds column pairs in the MMA layout: the split and join stay in registers.
+            ta, tb = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+            p = tl.reshape(tl.join(tl.math.exp2(ta), _exp2_poly(tb)), (t.shape[0], t.shape[1]))
+        else:
+            p = tl.math.exp2(t)                                 # 448 * exp2(s*f - m_new) <= 448
+        return p, m_new, tl.math.exp2(m_i - m_new)
+
+    @triton.jit
+    def _sage_softmax_pv(acc, l_i, m_i, s, f, vt, valid, MASK: tl.constexpr, POLY: tl.constexpr,
+                         INTERP: tl.constexpr):
+        """Softmax step and P·V of one key tile (vt: the [D, BN] e4m3 V tile)."""
+        p, m_new, alpha = _sage_softmax(m_i, s, f, valid, MASK, POLY)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # A fresh fp32 product per tile, added in fp32: the two-level accumulation.
+        acc = tl.fma(acc, alpha[:, None], tl.dot(_to_fp8(p, INTERP), tl.trans(vt)))
+        return acc, l_i, m_new
+
+    @triton.jit
     def _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, j_lo, j_hi, Lk, LKP,
                     offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    MASK: tl.constexpr, TMA: tl.constexpr, INTERP: tl.constexpr):
-        for j in range(j_lo, j_hi):
+                    MASK: tl.constexpr, TMA: tl.constexpr, POLY: tl.constexpr, WS: tl.constexpr,
+                    INTERP: tl.constexpr):
+        for j in tl.range(j_lo, j_hi, warp_specialize=WS):
             start_n = j * BLOCK_N
-            if TMA:
-                k = K8.load([k_row0 + start_n, 0])                                   # [BN, D] int8
-            else:
-                k = tl.load(K8 + (start_n + offs_n[:, None]) * D + offs_d[None, :])
-            s = tl.dot(q, tl.trans(k))                                             # [BM, BN] int32
-            f = qs * tl.load(KS + j)                                               # [BM]
-            if MASK:
-                valid = (start_n + offs_n) < Lk
-                s = tl.where(valid[None, :], s, -(1 << 22))
-            m_new = tl.maximum(m_i, tl.max(s, 1).to(tl.float32) * f)
-            # sb = 1.5*2^23 + s exactly (no I2F); the offset is taken out inside the FFMA's bias.
-            # Rounding that bias costs ~1 unit of s, against the hundreds int8 rounding costs.
-            sb = (s + 0x4B400000).to(tl.float32, bitcast=True)
-            bias = (-m_new + _K_LOG2_FP8_MAX) - f * 12582912.0     # constexpr on the right: see _K_*
-            t = tl.fma(sb, f[:, None], bias[:, None])
-            if MASK:
-                t = tl.where(valid[None, :], t, float("-inf"))
-            p = tl.math.exp2(t)                                 # 448 * exp2(s*f - m_new) <= 448
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if TMA:
-                vt = VT8.load([v_row0, start_n])                                     # [D, BN] e4m3
-            else:
-                vt = tl.load(VT8 + offs_d[:, None] * LKP + (start_n + offs_n[None, :]))
-            # A fresh fp32 product per tile, added in fp32: the two-level accumulation.
-            acc = tl.fma(acc, alpha[:, None], tl.dot(_to_fp8(p, INTERP), tl.trans(vt)))
-            m_i = m_new
+            s = _sage_qk(q, K8, k_row0, start_n, offs_n, offs_d, D, TMA)
+            vt = _sage_load_vt(VT8, v_row0, start_n, LKP, offs_n, offs_d, TMA)
+            acc, l_i, m_i = _sage_softmax_pv(acc, l_i, m_i, s, qs * tl.load(KS + j), vt,
+                                             (start_n + offs_n) < Lk, MASK, POLY, INTERP)
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _sage_tiles_pipe(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, Lk, LKP,
+                         offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         TMA: tl.constexpr, POLY: tl.constexpr, INTERP: tl.constexpr):
+        """All key tiles with P_j·V_j left in flight: its product is added to the accumulator
+        only in the next iteration, after S_{j+1} = Q·K_{j+1} is waited for, so the tensor cores
+        run P_j·V_j while the warps finish tile j (row sums) and start tile j+1.
+
+        Why not FlashAttention-3's order (issue S_{j+1} before tile j's softmax)? Triton (3.6 -
+        3.9, WGMMAPipeline.cpp) waits right after every wgmma whose accumulator is not fp32, so
+        the int32 Q·K is always synchronous; an fp32 wgmma whose result is only carried to the
+        next iteration and read after that iteration's first full wait may stay in flight
+        ("properly async"). The two-level accumulation is unchanged: the same fma(acc, alpha,
+        P·V) per tile, in the same order. The last tile is peeled (always masked: a no-op when
+        Lk is a multiple of BLOCK_N).
+
+        Known problem (offline sm_90 compile, triton 3.9, ptxas 12.9/13): Triton's PTX leaves the
+        P·V wgmma in flight, but ptxas then reports C7515 ("wgmma.mma_async instructions are
+        serialized due to non wgmma instructions defining accumulator registers"; likely the
+        zero-fill of the fresh product's registers) and waits after every wgmma k-step, QK
+        included. Measure before use; the fix needs the zero-fill gone (e.g. a Gluon kernel)."""
+        n_tiles = tl.cdiv(Lk, BLOCK_N)
+        pv = tl.zeros_like(acc)
+        alpha = tl.full(l_i.shape, 1.0, tl.float32)
+        for j in range(0, n_tiles - 1):
+            start_n = j * BLOCK_N
+            s = _sage_qk(q, K8, k_row0, start_n, offs_n, offs_d, D, TMA)
+            acc = tl.fma(acc, alpha[:, None], pv)                # tile j-1's product, now complete
+            p, m_i, alpha = _sage_softmax(m_i, s, qs * tl.load(KS + j), offs_n < BLOCK_N, False, POLY)
+            vt = _sage_load_vt(VT8, v_row0, start_n, LKP, offs_n, offs_d, TMA)
+            pv = tl.dot(_to_fp8(p, INTERP), tl.trans(vt))
+            l_i = l_i * alpha + tl.sum(p, 1)                    # overlaps the P·V above
+        start_n = (n_tiles - 1) * BLOCK_N
+        s = _sage_qk(q, K8, k_row0, start_n, offs_n, offs_d, D, TMA)
+        acc = tl.fma(acc, alpha[:, None], pv)
+        p, m_i, alpha = _sage_softmax(m_i, s, qs * tl.load(KS + n_tiles - 1), (start_n + offs_n) < Lk, True, POLY)
+        vt = _sage_load_vt(VT8, v_row0, start_n, LKP, offs_n, offs_d, TMA)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.fma(acc, alpha[:, None], tl.dot(_to_fp8(p, INTERP), tl.trans(vt)))
         return acc, l_i, m_i
 
     @triton.jit
@@ -418,7 +533,8 @@ if triton is not None:
                   sob, sol, soh,
                   H, Lq, Lk, LQP, LKP,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  TMA: tl.constexpr, INTERP: tl.constexpr):
+                  TMA: tl.constexpr, PIPE: tl.constexpr, WS: tl.constexpr, POLY: tl.constexpr,
+                  INTERP: tl.constexpr):
         """Q8, K8, VT8 are pointers, or with TMA tensor descriptors over their 2-D views
         [B*H*LQP, D], [B*H*LKP, D], [B*H*D, LKP] (block [BLOCK_M, D], [BLOCK_N, D], [D, BLOCK_N]):
         the copy engine then moves the tiles, which saves the address registers and instructions."""
@@ -444,12 +560,17 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        n_full = Lk // BLOCK_N
-        acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, 0, n_full, Lk, LKP,
-                                    offs_n, offs_d, D, BLOCK_N, False, TMA, INTERP)
-        if n_full * BLOCK_N < Lk:
-            acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, n_full, n_full + 1,
-                                        Lk, LKP, offs_n, offs_d, D, BLOCK_N, True, TMA, INTERP)
+        if PIPE:
+            acc, l_i, m_i = _sage_tiles_pipe(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, Lk, LKP,
+                                             offs_n, offs_d, D, BLOCK_N, TMA, POLY, INTERP)
+        else:
+            n_full = Lk // BLOCK_N
+            acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, 0, n_full, Lk, LKP,
+                                        offs_n, offs_d, D, BLOCK_N, False, TMA, POLY, WS, INTERP)
+            if n_full * BLOCK_N < Lk:
+                acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, n_full,
+                                            n_full + 1, Lk, LKP, offs_n, offs_d, D, BLOCK_N, True, TMA, POLY,
+                                            False, INTERP)
         vs = tl.load(VS + pid_bh * D + offs_d)
         vm = tl.load(VM + pid_bh * D + offs_d)
         out = acc * (1.0 / l_i)[:, None] * vs[None, :] + vm[None, :]
@@ -615,8 +736,9 @@ def sage_attention_quantized(qq: QuantizedQKV, q_shape, lk: int, dtype: torch.dt
         q8, qq.q_scale, k8, qq.k_scale, vt8, qq.v_scale, qq.v_mean, out,
         out.stride(0), out.stride(1), out.stride(2),
         h, lq, lk, qq.q8.shape[2], qq.k8.shape[2],
-        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=cfg.tma, INTERP=kernels_interpreted(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=cfg.tma, PIPE=cfg.pipe, WS=cfg.ws, POLY=cfg.poly,
+        INTERP=kernels_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
 
 
@@ -626,8 +748,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check_qkv(q, k, v)
     use_kernel(q)
     cfg = config or default_config("triton", q.device)
-    if cfg.tma:
-        raise ValidationError("the tma option applies to the sage kernel only")
+    if cfg.sage_only:
+        raise ValidationError(f"the tma/pipe/ws/poly options apply to the sage kernel only (got {cfg.spec})")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, lq, h, d = q.shape
     out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
@@ -637,7 +759,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, lq, k.shape[1], LOG2E / math.sqrt(d),
         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, INTERP=kernels_interpreted(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
 
 
@@ -647,12 +769,15 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 @torch.library.custom_op("wanimate::sage_attention", mutates_args=())
 def sage_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
-                      num_warps: int, num_stages: int, q_group: int, tma: bool = False) -> torch.Tensor:
-    return sage_attention(q, k, v, config=AttnConfig(block_m, block_n, num_warps, num_stages, tma), q_group=q_group)
+                      num_warps: int, num_stages: int, q_group: int, tma: bool = False,
+                      spec: str = "") -> torch.Tensor:
+    """`spec` (AttnConfig.spec), when given, is the whole config (it carries the variant flags)."""
+    cfg = parse_config(spec) if spec else AttnConfig(block_m, block_n, num_warps, num_stages, tma)
+    return sage_attention(q, k, v, config=cfg, q_group=q_group)
 
 
 @sage_attention_op.register_fake
-def _(q, k, v, block_m, block_n, num_warps, num_stages, q_group, tma=False):
+def _(q, k, v, block_m, block_n, num_warps, num_stages, q_group, tma=False, spec=""):
     return q.new_empty(q.shape)
 
 

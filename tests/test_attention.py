@@ -9,6 +9,7 @@ the interpreter tests re-run themselves in a child process.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -143,6 +144,64 @@ def test_sage_kernel_tma_descriptors_match_pointer_loads():
     assert stats(got.cpu(), ref.cpu())[1] < 1e-3
 
 
+# The schedule variants (AttnConfig.pipe / ws / poly, on top of pointer or TMA loads): same math.
+VARIANTS = [dict(pipe=True), dict(pipe=True, tma=True), dict(poly=True), dict(pipe=True, poly=True, tma=True),
+            dict(ws=True, tma=True)]
+
+
+@kernel_test
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "+".join(f))
+@pytest.mark.parametrize("shape", [(2, 70, 45, 1, 32), (1, 40, 96, 2, 64), (1, 33, 20, 1, 128)],
+                         ids=["2tiles+tail", "3full_tiles", "1tile+tail"])
+def test_sage_variants_match_simulation_and_reference(flags, shape):
+    """Each variant against the simulation and fp32 SDPA (the brief's cos >= 0.999, rel L2 <= 3%),
+    at several key tiles with a masked tail, an exact multiple of BLOCK_N (the pipelined loop's
+    peeled last tile unmasked) and a single tile (its loop body never runs). Without the
+    polynomial the pipelined loop does the same fp32 operations in the same order: equal to the
+    default kernel under the interpreter."""
+    b, lq, lk, h, d = shape
+    q, k, v = A.wan_like_qkv(b, lq, h, d, lk=lk, seed=sum(shape) + 1, device=DEVICE)
+    base = CFG or A.default_config("sage", q.device)
+    cfg = dataclasses.replace(base, **flags)
+    got = A.sage_attention(q, k, v, config=cfg)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    sim = A.sage_attention_sim(q.cpu(), k.cpu(), v.cpu(), block_n=cfg.block_n)
+    assert stats(got.cpu(), sim)[1] < 3e-3
+    cos, rel = stats(got.cpu(), A.attention_ref(q, k, v).cpu())
+    assert cos >= 0.999 and rel <= 0.03, (cos, rel)
+    default = A.sage_attention(q, k, v, config=dataclasses.replace(base, tma=cfg.tma))
+    rel_default = stats(got.cpu(), default.cpu())[1]
+    if INTERP and not cfg.poly:
+        assert rel_default == 0.0, rel_default
+    else:
+        assert rel_default < 2e-3, rel_default
+
+
+@kernel_test
+def test_exp2_polynomial():
+    """The FMA-pipe 2^t of the poly variant: relative error < 1e-4 on the range the softmax uses
+    (t <= log2(448)), including exact integers and the rounding midpoints; below -120 it returns
+    ~2^-120 (nothing e4m3 keeps) and -inf gives the same, never NaN or garbage exponents."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(T, P, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(P + offs, A._exp2_poly(tl.load(T + offs)))
+
+    t = torch.cat([torch.linspace(-119.9, 8.81, 4000), torch.arange(-119.0, 9.0), torch.arange(-119.5, 8.5),
+                   torch.tensor([-120.5, -300.0, -math.inf, 0.0])])
+    t = torch.cat([t, t.new_zeros(8192 - t.numel())]).to(DEVICE)
+    p = torch.empty_like(t)
+    kernel[(1,)](t, p, N=t.numel())
+    t, p = t.cpu().double(), p.cpu().double()
+    ok = t >= -120
+    rel = (p[ok] / torch.exp2(t[ok]) - 1).abs().max()
+    assert rel < 1e-4, float(rel)
+    assert torch.all((p[~ok] / 2.0**-120 - 1).abs() < 1e-4)
+
+
 @kernel_test
 def test_sage_kernel_q_groups_and_no_rotation():
     q, k, v = A.wan_like_qkv(1, 64, 2, 64, lk=80, seed=5, device=DEVICE)
@@ -205,6 +264,9 @@ def test_custom_ops_and_fake_shapes():
     cfg = CFG or A.default_config("sage", q.device)
     out = torch.ops.wanimate.sage_attention(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, 1)
     torch.testing.assert_close(out, A.sage_attention(q, k, v, config=cfg))
+    piped = dataclasses.replace(cfg, pipe=True, poly=True)
+    out = torch.ops.wanimate.sage_attention(q, k, v, 0, 0, 0, 0, 1, spec=piped.spec)    # the spec wins
+    torch.testing.assert_close(out, A.sage_attention(q, k, v, config=piped))
     out = torch.ops.wanimate.triton_attention(q, k, v, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
     torch.testing.assert_close(out, A.triton_attention(q, k, v, config=cfg))
     with FakeTensorMode():
@@ -253,6 +315,15 @@ def test_kernel_input_validation():
         A.triton_attention(x, x, x, config=A.AttnConfig(32, 32, 4, 1, tma=True))
     assert A.parse_config("128x64x8x3xtma") == A.AttnConfig(128, 64, 8, 3, True)
     assert A.parse_config(A.AttnConfig(64, 32, 4, 2).spec) == A.AttnConfig(64, 32, 4, 2)
+    full = A.AttnConfig(64, 128, 4, 3, tma=True, pipe=True, poly=True, maxnreg=168)
+    assert full.spec == "64x128x4x3xtmaxpipexpolyxr168" and A.parse_config(full.spec) == full
+    assert A.parse_config("64x128x4x3xtmaxws") == A.AttnConfig(64, 128, 4, 3, tma=True, ws=True)
+    for bad in ("64x128x4x3xpipexws", "64x128x4x3xtmaxtma", "64x128x4x3xfoo", "64x128x4x3xr7", "64x128x4xtma"):
+        with pytest.raises(ValidationError):
+            A.parse_config(bad)
+    with pytest.raises(ValidationError, match="sage kernel only"):
+        x = torch.randn(1, 8, 2, 32)
+        A.triton_attention(x, x, x, config=A.AttnConfig(32, 32, 4, 1, pipe=True))
     with pytest.raises(ValidationError, match="q_group"):
         x = torch.randn(1, 8, 2, 32)
         A.quantize_qkv(x, x, x, block_m=32, block_n=32, q_group=3)
@@ -296,7 +367,8 @@ def test_set_backend_and_report():
     assert E.set_attention_backend(model, "triton") is model
     report = E.attention_report(model)
     assert report["self"] == "triton" and report["cross"] == "sdpa" and report["face"] == "sdpa"
-    assert set(report["kernels"]["triton"]) == {"block_m", "block_n", "num_warps", "num_stages", "tma"}
+    assert set(report["kernels"]["triton"]) == {"block_m", "block_n", "num_warps", "num_stages", "tma", "pipe", "ws",
+                                                "poly", "maxnreg"}
     E.set_attention_backend(model, "sage", which="all")
     assert {k: E.attention_report(model)[k] for k in E.ATTENTION_KINDS} == dict.fromkeys(E.ATTENTION_KINDS, "sage")
     model.blocks[0].self_attn.backend = "sdpa"
@@ -312,7 +384,8 @@ def test_set_backend_and_report():
     # A pinned kernel config travels in the name and shows in the report.
     E.set_attention_backend(model, "sage:64x32x4x2")
     assert E.attention_report(model)["kernels"]["sage:64x32x4x2"] == dict(block_m=64, block_n=32, num_warps=4,
-                                                                         num_stages=2, tma=False)
+                                                                         num_stages=2, tma=False, pipe=False,
+                                                                         ws=False, poly=False, maxnreg=0)
     for bad in ("sage:64x32x4", "sage:64x48x4x2", "sdpa:64x32x4x2"):
         with pytest.raises(ValidationError):
             E.set_attention_backend(model, bad)
