@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import _set_module
-from .config import GROUPS, QuantConfig, select_linears
+from .config import DEFAULT_OVERRIDES, GROUPS, PREVIOUS_OVERRIDES, QuantConfig, select_linears
 from .registry import get_scheme
 
 
@@ -311,6 +311,7 @@ def measure_exemptions(model: nn.Module, schemes: tuple[str, ...] = ("fp8", "int
     for g, patterns in GROUPS.items():
         variants[f"only {g}"] = (everything, _only(patterns))
     variants["keep embeddings, no overrides"] = (QuantConfig("fp8", overrides=()), None)
+    variants["previous default (cross q/o fp8)"] = (QuantConfig("fp8", overrides=PREVIOUS_OVERRIDES), None)
     variants["default policy"] = (QuantConfig("fp8"), None)
     variants["all but first+last block"] = (everything.replace(keep_edge_blocks=1), None)
     variants["default + first+last block"] = (QuantConfig("fp8", keep_edge_blocks=1), None)
@@ -330,6 +331,33 @@ def measure_exemptions(model: nn.Module, schemes: tuple[str, ...] = ("fp8", "int
     return AccuracyReport("\n".join(lines), data)
 
 
+def measure_policies(model: nn.Module, *, inputs: dict[str, torch.Tensor] | None = None,
+                     label: str = "") -> AccuracyReport:
+    """The FP8 output error of the candidate override policies (all at 1 byte/weight, so the same
+    weight bytes): the previous default, the current one, and the current one with one more layer
+    kind on int8_wo; plus cross-attention q/o alone as int8_wo (its share under the default)."""
+    inputs = inputs if inputs is not None else dit_inputs(model.cfg, device=next(model.parameters()).device)
+    run = dit_runner(inputs)
+    ref = run(model)
+    variants = {
+        "previous default (cross q/o fp8)": (QuantConfig("fp8", overrides=PREVIOUS_OVERRIDES), None),
+        "default (cross q/o int8_wo)": (QuantConfig("fp8"), None),
+        "default + self_attn.o int8_wo": (QuantConfig(
+            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.self_attn.o", "int8_wo"),)), None),
+        "default + ffn.2 int8_wo": (QuantConfig(
+            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.ffn.2", "int8_wo"),)), None),
+        "only cross q/o, int8_wo": (QuantConfig("int8_wo", keep=(), overrides=()), _only(GROUPS["cross_attn_q_o"])),
+    }
+    data = {"label": label, "results": {}}
+    lines = [f"policies {label}: FP8 DiT output rel L2 vs unquantized", f"{'variant':36} {'rel L2':>9}"]
+    for vname, (cfg, filt) in variants.items():
+        names = select_linears(model, cfg, filt)
+        err = quantization_error(model, cfg, run, names=names, per_layer=False, reference=ref).output_rel_l2
+        data["results"][vname] = err
+        lines.append(f"{vname:36} {err:9.4f}")
+    return AccuracyReport("\n".join(lines), data)
+
+
 def _only(patterns):
     import fnmatch
     return lambda module, name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -337,4 +365,4 @@ def _only(patterns):
 
 __all__ = ["AccuracyReport", "QuantError", "accuracy_report", "checkpoint_accuracy_report", "dit_inputs",
            "reference_accuracy_report", "dit_runner", "inject_outliers",
-           "measure_exemptions", "quantization_error", "random_dit", "rel_l2", "summarize_layers"]
+           "measure_exemptions", "measure_policies", "quantization_error", "random_dit", "rel_l2", "summarize_layers"]

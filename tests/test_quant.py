@@ -254,7 +254,9 @@ def test_config_validation_and_json_roundtrip():
     # overrides: activation-quantizing schemes put the context projections and the face adapter on
     # int8 weight-only; weight-only schemes have none; a scheme change takes the new default
     fp8 = QuantConfig("fp8")
-    assert fp8.scheme_for("blocks.7.cross_attn.v_img") == "int8_wo" and fp8.scheme_for("blocks.7.cross_attn.q") == "fp8"
+    assert fp8.scheme_for("blocks.7.cross_attn.v_img") == "int8_wo" and fp8.scheme_for("blocks.7.cross_attn.q") == "int8_wo"
+    assert fp8.scheme_for("blocks.7.cross_attn.o") == "int8_wo" and fp8.scheme_for("blocks.7.self_attn.q") == "fp8"
+    assert fp8.scheme_for("blocks.7.ffn.0") == "fp8" and fp8.scheme_for("blocks.7.ffn.2") == "fp8"
     assert fp8.scheme_for("face_adapter.fuser_blocks.2.linear1_kv") == "int8_wo"
     assert QuantConfig("nf4").overrides == () and fp8.replace(scheme="nf4").overrides == ()
     assert QuantConfig("fp8", overrides=()).scheme_for("blocks.0.cross_attn.k") == "fp8"
