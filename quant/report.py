@@ -333,20 +333,25 @@ def measure_exemptions(model: nn.Module, schemes: tuple[str, ...] = ("fp8", "int
 
 def measure_policies(model: nn.Module, *, inputs: dict[str, torch.Tensor] | None = None,
                      label: str = "") -> AccuracyReport:
-    """The FP8 output error of the candidate override policies (all at 1 byte/weight, so the same
-    weight bytes): the previous default, the current one, and the current one with one more layer
-    kind on int8_wo; plus cross-attention q/o alone as int8_wo (its share under the default)."""
+    """The FP8 output error of the candidate override policies (all at ~1 byte/weight, so the same
+    weight bytes): the previous default, + cross q/o on plain int8_wo, the current default, and the
+    current one with one more layer kind on int8_wo_cs; plus cross-attention q/o alone on each
+    weight-only scheme (its share of the error)."""
     inputs = inputs if inputs is not None else dit_inputs(model.cfg, device=next(model.parameters()).device)
     run = dit_runner(inputs)
     ref = run(model)
+    qo = GROUPS["cross_attn_q_o"]
     variants = {
         "previous default (cross q/o fp8)": (QuantConfig("fp8", overrides=PREVIOUS_OVERRIDES), None),
-        "default (cross q/o int8_wo)": (QuantConfig("fp8"), None),
-        "default + self_attn.o int8_wo": (QuantConfig(
-            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.self_attn.o", "int8_wo"),)), None),
-        "default + ffn.2 int8_wo": (QuantConfig(
-            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.ffn.2", "int8_wo"),)), None),
-        "only cross q/o, int8_wo": (QuantConfig("int8_wo", keep=(), overrides=()), _only(GROUPS["cross_attn_q_o"])),
+        "previous + cross q/o int8_wo": (QuantConfig(
+            "fp8", overrides=PREVIOUS_OVERRIDES + tuple((p, "int8_wo") for p in qo)), None),
+        "default (q/o, k/v, face int8_wo_cs)": (QuantConfig("fp8"), None),
+        "default + self_attn.o int8_wo_cs": (QuantConfig(
+            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.self_attn.o", "int8_wo_cs"),)), None),
+        "default + ffn.2 int8_wo_cs": (QuantConfig(
+            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.ffn.2", "int8_wo_cs"),)), None),
+        "only cross q/o, int8_wo": (QuantConfig("int8_wo", keep=(), overrides=()), _only(qo)),
+        "only cross q/o, int8_wo_cs": (QuantConfig("int8_wo_cs", keep=(), overrides=()), _only(qo)),
     }
     data = {"label": label, "results": {}}
     lines = [f"policies {label}: FP8 DiT output rel L2 vs unquantized", f"{'variant':36} {'rel L2':>9}"]

@@ -182,7 +182,8 @@ def test_weight_quant_is_per_output_channel(quant):
 
 # Per-layer rel L2 of one random Linear (K=256): e4m3 has 3 mantissa bits (~3.5% for weights and
 # activations both), int8 per-token ~1%, int8 weight-only ~0.7%, nf4 ~9%.
-BOUNDS = {"fp8": (0.01, 0.06), "int8": (0.002, 0.02), "int8_wo": (0.001, 0.015), "nf4": (0.03, 0.15)}
+BOUNDS = {"fp8": (0.01, 0.06), "int8": (0.002, 0.02), "int8_wo": (0.001, 0.015), "int8_wo_cs": (0.001, 0.015),
+          "nf4": (0.03, 0.15)}
 
 
 @pytest.mark.parametrize("scheme", sorted(BOUNDS))
@@ -216,6 +217,29 @@ def test_meta_swap_then_assign_equals_from_linear(scheme):
     assert torch.equal(empty(x), direct(x))
     with pytest.raises(ValidationError, match="expected"):
         empty.load_quantized({"weight": torch.zeros(3, dtype=torch.uint8)})
+
+
+def test_int8_wo_cs_keeps_small_columns():
+    """A weight column 50x smaller than the rest (the consumer of an activation outlier channel)
+    fed 50x larger inputs: per-row int8 rounds it to a few levels, the column scale keeps it."""
+    from wanimate.quant.int8 import quantize_int8_weight_cols
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(256, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 256, generator=g))
+        lin.weight[:, :4] /= 50
+    x = torch.randn(32, 256, generator=g)
+    x[:, :4] *= 50
+    plain = get_scheme("int8_wo").from_linear(lin, QuantConfig("int8_wo"))
+    cs = get_scheme("int8_wo_cs").from_linear(lin, QuantConfig("int8_wo_cs"))
+    with torch.no_grad():
+        want = lin(x)
+        e_plain, e_cs = _rel(plain(x), want), _rel(cs(x), want)
+    assert e_cs < e_plain / 3, (e_cs, e_plain)
+    q, row, col = quantize_int8_weight_cols(lin.weight)
+    assert q.dtype == torch.int8 and row.shape == (64,) and col.shape == (256,)
+    assert (q.abs().amax(dim=0) >= 60).all()           # every column uses a good part of the int8 range
+    assert cs.stored_bytes() == plain.stored_bytes() + 256 * 4
 
 
 def test_extra_repr_shows_settings():
@@ -254,10 +278,11 @@ def test_config_validation_and_json_roundtrip():
     # overrides: activation-quantizing schemes put the context projections and the face adapter on
     # int8 weight-only; weight-only schemes have none; a scheme change takes the new default
     fp8 = QuantConfig("fp8")
-    assert fp8.scheme_for("blocks.7.cross_attn.v_img") == "int8_wo" and fp8.scheme_for("blocks.7.cross_attn.q") == "int8_wo"
-    assert fp8.scheme_for("blocks.7.cross_attn.o") == "int8_wo" and fp8.scheme_for("blocks.7.self_attn.q") == "fp8"
+    assert fp8.scheme_for("blocks.7.cross_attn.v_img") == "int8_wo_cs"
+    assert fp8.scheme_for("blocks.7.cross_attn.q") == fp8.scheme_for("blocks.7.cross_attn.o") == "int8_wo_cs"
+    assert fp8.scheme_for("blocks.7.self_attn.o") == "fp8" and fp8.scheme_for("blocks.7.self_attn.q") == "fp8"
     assert fp8.scheme_for("blocks.7.ffn.0") == "fp8" and fp8.scheme_for("blocks.7.ffn.2") == "fp8"
-    assert fp8.scheme_for("face_adapter.fuser_blocks.2.linear1_kv") == "int8_wo"
+    assert fp8.scheme_for("face_adapter.fuser_blocks.2.linear1_kv") == "int8_wo_cs"
     assert QuantConfig("nf4").overrides == () and fp8.replace(scheme="nf4").overrides == ()
     assert QuantConfig("fp8", overrides=()).scheme_for("blocks.0.cross_attn.k") == "fp8"
     with pytest.raises(ValidationError, match="override scheme"):
