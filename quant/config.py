@@ -53,7 +53,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 #   + cross-attn q/o int8_wo                                  2.22% / 4.09%  (cross q/o alone: 1.48% / 0.88%)
 #   + also self_attn.o int8_wo                                2.23% / 3.79%
 #   + also ffn.2 (the down projection) int8_wo                2.13% / 3.88%  (+2.4 ms per block: no)
-#   cross q/o + k/v + face adapter int8_wo_cs (this default)  2.11% / UNCOMP  (cross q/o alone: 0.68%)
+#   cross q/o + k/v + face adapter int8_wo_cs (this default)  2.11% / 4.07%  (cross q/o alone: 0.68% / 0.90%)
 #   (weight-only alone: int8_wo 1.9%, int8_wo_cs 1.69%)
 # The 40-block output error was 1.37x the 5-block one for the previous default, so this default
 # extrapolates to ~2.9% at 40 blocks (bench/quant.py measures it). Speed cost: an int8_wo linear

@@ -28,6 +28,9 @@ Measured (bench/quant_accuracy.py, CPU, bf16 reference; DiT output = one call's 
     depth, compensated:          14B arch 10 blocks: fp8 3.6%, int8_wo 2.3% (5 blocks: 2.8%, 1.9%).
     The output error grows about as depth^(1/3) here, so 40 blocks extrapolate to ~5-6% for fp8 on
     random weights (bench/quant.py measures it on the GPU; a trained model's sensitivity differs).
+    (The fp8 rows above used the policy with cross-attention q/o in FP8; the 40-block GPU run gave
+    3.88%. The current default, cross q/o + k/v + face adapter on int8_wo_cs, gives 2.11% / 4.07% at
+    5 blocks: measure_policies, numbers in quant/config.py.)
 
 * the tiny rows used the earlier default (face adapter in bf16, no overrides). Reading: e4m3 costs
 ~3.7% per layer whatever the outliers (it has an exponent); per-token INT8 loses the small channels
