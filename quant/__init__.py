@@ -16,10 +16,11 @@ Offline: quant/checkpoint.py (`quantize_checkpoint`, `load_quantized_dit`); erro
 LoRA merging: engine/lora.py. Apply quantize_ after any dtype change of the model.
 """
 from . import fp8, int8, nf4  # noqa: F401  (register the built-in schemes)
-from .api import convert_for_runtime, create_quantized_state_dict, quantize_, quantized_modules, weight_bytes
+from .api import (convert_for_runtime, create_quantized_state_dict, fuse_ffn_gelu, quantize_, quantized_modules,
+                  weight_bytes)
 from .config import DEFAULT_KEEP, GROUPS, NEVER_QUANTIZED, QuantConfig, select_linears
 from .registry import QuantLinear, available_schemes, get_scheme, register_scheme
 
-__all__ = ["QuantConfig", "quantize_", "convert_for_runtime", "create_quantized_state_dict", "quantized_modules",
+__all__ = ["QuantConfig", "quantize_", "convert_for_runtime", "fuse_ffn_gelu", "create_quantized_state_dict", "quantized_modules",
            "weight_bytes", "select_linears", "DEFAULT_KEEP", "GROUPS", "NEVER_QUANTIZED", "QuantLinear",
            "available_schemes", "get_scheme", "register_scheme"]

@@ -98,7 +98,9 @@ class QuantConfig:
         (torch._scaled_mm, torch._int_mm, bitsandbytes) but quantizes activations and applies the
         INT8 epilogue in eager torch (a fallback, and the ablation of the fused kernels);
         "reference" always runs the pure-torch path (the exact CPU emulation).
-    nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64)."""
+    nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64).
+    fuse_gelu: fold the FFN's GELU(tanh) into the FP8 down-projection's activation quantization
+        (quant/api.py fuse_ffn_gelu; the same function up to the GELU's bf16 rounding)."""
     scheme: str = "fp8"
     keep: tuple[str, ...] = DEFAULT_KEEP
     keep_edge_blocks: int = DEFAULT_EDGE_BLOCKS
@@ -106,6 +108,7 @@ class QuantConfig:
     fast_accum: bool = True
     kernel: str = "auto"
     nf4_blocksize: int = 64
+    fuse_gelu: bool = True
 
     def __post_init__(self):
         from .registry import available_schemes

@@ -3,6 +3,7 @@ torch's own kernels where the CPU build has them, error bounds against the float
 policy, module swaps on real and meta modules."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -307,6 +308,35 @@ def test_quantize_model_runs_and_stays_close(scheme):
     assert torch.isfinite(got).all()
     assert 1e-4 < _rel(got, ref) < {"fp8": 0.1, "int8": 0.05, "int8_wo": 0.05, "nf4": 0.2}[scheme]
     assert model.dtype == torch.bfloat16            # the compute dtype (patch_embedding) is untouched
+
+
+def test_ffn_gelu_folded_into_fp8_down_projection():
+    """quantize_ folds the FFN's GELU into the FP8 down-projection: same state dict, same output
+    (the reference path computes the same GELU), and the fused quantizer agrees with GELU + quant."""
+    from wanimate.quant.act import quantize_activations
+    from wanimate.quant.report import dit_inputs, dit_runner
+    run = dit_runner(dit_inputs(CFG, hw=(4, 6), text_rows=5))
+    fused, plain = recipe_dit(CFG, 11, dtype=torch.bfloat16), recipe_dit(CFG, 11, dtype=torch.bfloat16)
+    with torch.no_grad():
+        quantize_(fused, QuantConfig("fp8", kernel="reference"))
+        quantize_(plain, QuantConfig("fp8", kernel="reference", fuse_gelu=False))
+        assert torch.equal(run(fused), run(plain))
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    for block_f, block_p in zip(fused.blocks, plain.blocks):
+        assert isinstance(block_f.ffn[1], nn.Identity) and block_f.ffn[2].gelu_input
+        assert isinstance(block_p.ffn[1], nn.GELU) and not block_p.ffn[2].gelu_input
+    assert "gelu_tanh" in repr(fused.blocks[0].ffn[2])
+    assert QuantConfig.from_json('{"scheme": "fp8"}').fuse_gelu      # configs saved before the flag
+    # int8_wo down-projections are left alone
+    wo = recipe_dit(CFG, 11, dtype=torch.bfloat16)
+    quantize_(wo, QuantConfig("int8_wo"))
+    assert isinstance(wo.blocks[0].ffn[1], nn.GELU)
+    if importlib.util.find_spec("triton") is not None:
+        x = (torch.randn(9, 96, generator=torch.Generator().manual_seed(2)) * 3).to(torch.bfloat16).to(DEVICE)
+        q, s = quantize_activations(x, False, kernel="auto", gelu=True)
+        q_ref, s_ref = quantize_activations(x, False, kernel="reference", gelu=True)
+        assert (_bits(q) == _bits(q_ref)).float().mean() > 0.99
+        torch.testing.assert_close(s, s_ref, rtol=1e-2, atol=0)
 
 
 def test_quantize_requires_loaded_weights_and_create_state_dict():
