@@ -37,8 +37,8 @@ def per_token_quant_ref(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torc
 
 def int8_epilogue_ref(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """acc [M, N] int32, scale_a [M, 1] fp32, scale_b [N] fp32, bias [N] or None -> [M, N] out_dtype,
-    computed as (acc * scale_a) * scale_b + bias in fp32 and rounded once."""
+    """acc [M, N] int32 (or int8), scale_a [M, 1] fp32, scale_b [N] fp32, bias [N] or None -> [M, N]
+    out_dtype, computed as (acc * scale_a) * scale_b + bias in fp32 and rounded once."""
     y = (acc.float() * scale_a) * scale_b
     if bias is not None:
         y = y + bias.float()

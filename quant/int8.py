@@ -90,9 +90,16 @@ class Int8WeightOnlyLinear(_Int8Storage):
     def _settings(self) -> str:
         return "weight=int8 per-channel, act=unquantized (weight-only)"
 
+    def _col_scale(self) -> torch.Tensor:
+        return torch.ones(self.in_features, dtype=torch.float32, device=self.weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize().to(x.dtype), bias)
+        # (q * row) * col in fp32, rounded once to x.dtype: the INT8 epilogue kernel on the GPU
+        # (one pass over the int8 weight), the same expression in torch elsewhere.
+        w = int8_epilogue(self.weight, self.weight_scale[:, None], self._col_scale(), None, x.dtype,
+                          kernel=self.config.kernel)
+        return F.linear(x, w, bias)
 
 
 def quantize_int8_weight_cols(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,6 +134,9 @@ class Int8WeightOnlyColLinear(Int8WeightOnlyLinear):
 
     def dequantize(self) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]) * self.col_scale[None, :]
+
+    def _col_scale(self) -> torch.Tensor:
+        return self.col_scale
 
     def _settings(self) -> str:
         return "weight=int8 per-channel x per-input-channel, act=unquantized (weight-only)"

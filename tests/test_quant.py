@@ -243,6 +243,22 @@ def test_int8_wo_cs_keeps_small_columns():
     assert cs.stored_bytes() == plain.stored_bytes() + 256 * 4
 
 
+@pytest.mark.parametrize("scheme", ["int8_wo", "int8_wo_cs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_weight_only_dequant_kernel_bit_exact(scheme, dtype):
+    """The weight-only layers dequantize through the INT8 epilogue kernel (int8 input, row and
+    column scales): the same bits as the eager dequantize() rounded to the activation dtype."""
+    pytest.importorskip("triton")
+    from wanimate.kernels import int8_epilogue as epi
+    lin = nn.Linear(96, 40).to(dtype)
+    mod = get_scheme(scheme).from_linear(lin, QuantConfig(scheme)).to(DEVICE)
+    assert epi.kernel_ok(mod.weight)
+    x = torch.randn(5, 96, dtype=dtype, device=DEVICE)
+    want = torch.nn.functional.linear(x, mod.dequantize().to(dtype), mod.bias.to(dtype))
+    with torch.no_grad():
+        assert torch.equal(mod(x), want)
+
+
 def test_extra_repr_shows_settings():
     mod = get_scheme("fp8").from_linear(nn.Linear(32, 16), QuantConfig("fp8", fast_accum=False))
     text = repr(mod)
