@@ -4,6 +4,9 @@
                           [--parts checks,gemm,dit] [--reps 3] [--reps-720p 2]
                           [--with-kernels] [--kernel auto|no_triton]
     python bench/quant.py --smoke            # CPU, toy sizes: the same code path end to end
+    # issue 7 in ~2 minutes: act-quant bandwidth, GEMMs, and the 480p step rows bf16 / fp8 with SDPA and sage
+    python bench/quant.py --sizes 480p --parts checks,gemm,actquant,dit --schemes bf16,fp8,fp8+sage,bf16+sage \
+        --with-kernels --reps 3
 
 Parts (every row catches OOM and other errors, records them, frees memory and goes on; the JSON is
 rewritten after each row, so a timeout keeps what was measured):
@@ -260,6 +263,8 @@ def bench_gemm(b: Bench, sizes, schemes):
                         lambda: scaled(*per_token_quant_ref(x, int8=False), mod.weight.t(), ws, lin.bias), "fp8")
                     slow = get_scheme("fp8").from_linear(lin, QuantConfig("fp8", fast_accum=False))
                     row("fp8 module, fast_accum=False", lambda: slow(x), "fp8")
+                    cs = get_scheme("int8_wo_cs").from_linear(lin, QuantConfig("int8_wo_cs", kernel=b.kernel))
+                    row("int8_wo_cs module (dequant kernel + bf16 GEMM)", lambda: cs(x), "bf16")
                 if scheme == "int8" and b.cuda:
                     xq8, _ = quantize_activations(x, int8=True)
                     row("int8 bare _int_mm (int32 out)", lambda: torch._int_mm(xq8, mod.weight.t()), "int8")
@@ -313,6 +318,20 @@ def bench_actquant(b: Bench, sizes):
                 b.guarded("actquant", {"size": size, "m": m, "k": k, "setting": name}, measure)
             x = ref_q = None
             b.free()
+    # The int8 weight-only dequantization (int8_wo_cs, the cross-attention q/o at every step):
+    # the INT8 epilogue kernel vs the eager expression, one 5120 x 5120 weight.
+    from wanimate.quant import QuantConfig, get_scheme
+    n = 5120 if b.cuda else 64
+    lin = torch.nn.Linear(n, n, device=b.device, dtype=torch.bfloat16)
+    mod = get_scheme("int8_wo_cs").from_linear(lin, QuantConfig("int8_wo_cs"))
+    from wanimate.quant.act import int8_epilogue
+    for name, kernel in (("int8_wo_cs weight dequant, kernel", "auto"), ("int8_wo_cs weight dequant, eager", "reference")):
+        def measure(kernel=kernel):
+            fn = lambda: int8_epilogue(mod.weight, mod.weight_scale[:, None], mod.col_scale, None, torch.bfloat16,
+                                       kernel=kernel)
+            t, _ = b.time(fn, warmup=warmup, reps=reps)
+            return {"us": round(t * 1e6, 1), "gb_s": round(n * n * 3 / t / 1e9, 1), "bit_exact": None}
+        b.guarded("actquant", {"size": "-", "m": n, "k": n, "setting": name}, measure)
 
 
 def _interpreted() -> bool:
@@ -459,8 +478,8 @@ def summarize(b: Bench):
         for r in b.results["actquant"]:
             lines.append(f"{r['m']:6d} {r['k']:6d} {r['setting']:58} " + (
                 f"error: {r['error'][:60]}" if "error" in r else f"{r['us']:8.1f} {r['gb_s']:7.1f} {r['bit_exact']}"))
-        for k in sorted({r["k"] for r in aq}):
-            rows = {r["setting"]: r for r in aq if r["k"] == k}
+        for k in sorted({r["k"] for r in aq if r["size"] != "-"}):
+            rows = {r["setting"]: r for r in aq if r["k"] == k and r["size"] != "-"}
             old = next((r for n, r in rows.items() if n.startswith("previous")), None)
             new = next((r for n, r in rows.items() if n.startswith("default")), None)
             best = max((r for n, r in rows.items() if "gelu" not in n), key=lambda r: r["gb_s"], default=None)
