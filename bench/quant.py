@@ -4,6 +4,9 @@
                           [--parts checks,gemm,dit] [--reps 3] [--reps-720p 2]
                           [--with-kernels] [--kernel auto|no_triton]
     python bench/quant.py --smoke            # CPU, toy sizes: the same code path end to end
+    # issue 7 in ~2 minutes: act-quant bandwidth, GEMMs, and the 480p step rows bf16 / fp8 with SDPA and sage
+    python bench/quant.py --sizes 480p --parts checks,gemm,actquant,dit --schemes bf16,fp8,fp8+sage,bf16+sage \
+        --with-kernels --reps 3
 
 Parts (every row catches OOM and other errors, records them, frees memory and goes on; the JSON is
 rewritten after each row, so a timeout keeps what was measured):
@@ -24,8 +27,15 @@ rewritten after each row, so a timeout keeps what was measured):
    bytes, and the denoise output's rel L2 against the bf16 output of the same weights and inputs.
    bf16 runs first; its output is the reference. One model at a time (14B bf16 = 34.5 GB).
 
-Targets (issue 7): FP8 denoise >= 1.25x faster than bf16 at 480p; FP8 DiT weights <= 18 GB;
-DiT output rel L2 vs bf16 <= 3% (with outliers). Expect about 4-5 minutes on an H100 for
+2b. actquant: GB/s of the per-token activation quantizer (kernels/quant_act.py) at [32760, 5120]
+   and [32760, 13824]: the previous kernel's setting, the default launch config, a small sweep, and
+   the fused GELU(tanh) + quant.
+   DiT rows named "<scheme>+sage" run the self-attention on --sage-backend (INT8 Q.K / FP8 P.V).
+
+Targets (issue 7), all at 480p in one run against the bf16 + SDPA row: the full FP8/INT8 path
+(fp8+sage: FP8 linears + sage self-attention) denoise step >= 1.25x faster; FP8 DiT weights
+<= 18 GB; DiT output rel L2 <= 3% (with outliers); the activation quantizer >= 3 TB/s.
+fp8 (SDPA) vs bf16 and fp8+sage vs bf16+sage are printed too (like-for-like attention). Expect about 4-5 minutes on an H100 for
 everything (the 720p rows are 60% of it; --sizes 480p halves the run).
 Timing: CUDA events after warm-up, median of repeats (perf_counter on the CPU).
 """
@@ -75,7 +85,7 @@ class Bench:
         self.args = args
         self.device = "cpu" if args.smoke else "cuda"
         self.cuda = self.device == "cuda"
-        self.results = {"env": {}, "checks": [], "gemm": [], "dit": [], "summary": {}}
+        self.results = {"env": {}, "checks": [], "gemm": [], "actquant": [], "dit": [], "summary": {}}
         self.kernel = args.kernel          # QuantConfig.kernel for every quantized row
         self.out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "bench_quant.json"
 
@@ -253,6 +263,8 @@ def bench_gemm(b: Bench, sizes, schemes):
                         lambda: scaled(*per_token_quant_ref(x, int8=False), mod.weight.t(), ws, lin.bias), "fp8")
                     slow = get_scheme("fp8").from_linear(lin, QuantConfig("fp8", fast_accum=False))
                     row("fp8 module, fast_accum=False", lambda: slow(x), "fp8")
+                    cs = get_scheme("int8_wo_cs").from_linear(lin, QuantConfig("int8_wo_cs", kernel=b.kernel))
+                    row("int8_wo_cs module (dequant kernel + bf16 GEMM)", lambda: cs(x), "bf16")
                 if scheme == "int8" and b.cuda:
                     xq8, _ = quantize_activations(x, int8=True)
                     row("int8 bare _int_mm (int32 out)", lambda: torch._int_mm(xq8, mod.weight.t()), "int8")
@@ -269,6 +281,61 @@ def _scaled(torch):
 
 def _bnb(b: Bench) -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Part 2b: the activation quantizer's bandwidth
+
+
+def bench_actquant(b: Bench, sizes):
+    """GB/s of kernels/quant_act.py (bytes it must move: read x, write 1 byte/element and the scales)
+    at the two activation widths of the DiT linears: the previous kernel's setting (fp32 row, 16 warps),
+    the current default (launch_config) and a small sweep; the fused GELU + quant at the FFN width."""
+    torch = b.torch
+    from wanimate.quant.act import per_token_quant_ref
+    if not b.cuda and not _interpreted():
+        return
+    from wanimate.kernels import quant_act
+    warmup, reps = (3, 20) if b.cuda else (1, 1)
+    for size in sizes[:1]:
+        m = tokens_for(size) if b.cuda else 40
+        for k in ((5120, 13824) if b.cuda else (320,)):
+            x = torch.randn(m, k, device=b.device, generator=torch.Generator(device=b.device).manual_seed(k)).to(torch.bfloat16)
+            nbytes = m * k * (x.element_size() + 1) + m * 4
+            default = quant_act.launch_config(k)
+            settings = [("previous kernel (fp32 row, 16 warps)", dict(rows=1, num_warps=16, early_f32=True)),
+                        (f"default {default}", {})]
+            settings += [(f"rows={r}, warps={w}", dict(rows=r, num_warps=w))
+                         for r, w in ((1, 4), (1, 16), (2, 8), (2, 16))]
+            settings.append(("fused gelu + quant (default)", dict(gelu=True)))
+            ref_q = per_token_quant_ref(x, False)[0].view(torch.uint8)
+            for name, kw in settings:
+                def measure(kw=kw):
+                    fn = lambda: quant_act.per_token_quant_triton(x, False, **kw)
+                    exact = None if kw.get("gelu") else bool(torch.equal(fn()[0].view(torch.uint8), ref_q))
+                    t, _ = b.time(fn, warmup=warmup, reps=reps)
+                    return {"us": round(t * 1e6, 1), "gb_s": round(nbytes / t / 1e9, 1), "bit_exact": exact}
+                b.guarded("actquant", {"size": size, "m": m, "k": k, "setting": name}, measure)
+            x = ref_q = None
+            b.free()
+    # The int8 weight-only dequantization (int8_wo_cs, the cross-attention q/o at every step):
+    # the INT8 epilogue kernel vs the eager expression, one 5120 x 5120 weight.
+    from wanimate.quant import QuantConfig, get_scheme
+    n = 5120 if b.cuda else 64
+    lin = torch.nn.Linear(n, n, device=b.device, dtype=torch.bfloat16)
+    mod = get_scheme("int8_wo_cs").from_linear(lin, QuantConfig("int8_wo_cs"))
+    from wanimate.quant.act import int8_epilogue
+    for name, kernel in (("int8_wo_cs weight dequant, kernel", "auto"), ("int8_wo_cs weight dequant, eager", "reference")):
+        def measure(kernel=kernel):
+            fn = lambda: int8_epilogue(mod.weight, mod.weight_scale[:, None], mod.col_scale, None, torch.bfloat16,
+                                       kernel=kernel)
+            t, _ = b.time(fn, warmup=warmup, reps=reps)
+            return {"us": round(t * 1e6, 1), "gb_s": round(n * n * 3 / t / 1e9, 1), "bit_exact": None}
+        b.guarded("actquant", {"size": "-", "m": n, "k": n, "setting": name}, measure)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +380,10 @@ def build_random_dit(b: Bench, cfg, seed: int = 0):
     return model
 
 
+def _split_sage(scheme: str) -> tuple[str, bool]:
+    return (scheme[:-len("+sage")], True) if scheme.endswith("+sage") else (scheme, False)
+
+
 def bench_dit(b: Bench, sizes, schemes):
     torch = b.torch
     from wanimate.quant import QuantConfig, quantize_, weight_bytes
@@ -329,11 +400,16 @@ def bench_dit(b: Bench, sizes, schemes):
             b.sync()
             built = time.perf_counter() - t0
             t0 = time.perf_counter()
-            # "fp8/no_triton": a per-row kernel choice; "fp8+edge1": first and last block kept in bf16
-            name, _, kernel = scheme.partition("/")
+            # "fp8/no_triton": a per-row kernel choice; "fp8+edge1": first and last block kept in bf16;
+            # "+sage": the self-attention on the sage backend (INT8 QK / FP8 PV, engine/attention.py)
+            name, sage = _split_sage(scheme)
+            name, _, kernel = name.partition("/")
             name, _, edge = name.partition("+edge")
             qcfg = QuantConfig(name, kernel=kernel or b.kernel, keep_edge_blocks=int(edge or 0)) if name != "bf16" else None
             names = quantize_(model, qcfg) if qcfg else []
+            if sage:
+                from wanimate.engine.attention import set_attention_backend
+                set_attention_backend(model, b.args.sage_backend, which=("self",))
             b.sync()
             nbytes = weight_bytes(model)
             return {"build_s": round(built, 1), "quantize_s": round(time.perf_counter() - t0, 1),
@@ -380,19 +456,35 @@ def summarize(b: Bench):
     dit = [r for r in b.results["dit"] if r.get("what") == "denoise" and "error" not in r]
     built = {r["scheme"]: r for r in b.results["dit"] if r.get("what") == "build + quantize" and "error" not in r}
     base = {r["size"]: r["denoise_median_s"] for r in dit if r["scheme"] == "bf16"}
-    lines = ["", "DiT denoise step (random 14B weights with outlier channels, default policy)",
-             f"{'scheme':8} {'size':5} {'tokens':>7} {'step s':>8} {'vs bf16':>8} {'rel L2':>9} {'peak GiB':>9} {'weights GB':>10}"]
+    lines = ["", "DiT denoise step (random 14B weights with outlier channels, default policy; '+sage': self-attention "
+             f"on {b.args.sage_backend}; vs bf16 and rel L2 against the bf16 + SDPA row)",
+             f"{'scheme':10} {'size':5} {'tokens':>7} {'step s':>8} {'vs bf16':>8} {'rel L2':>9} {'peak GiB':>9} {'weights GB':>10}"]
     summary = {}
     for r in dit:
         speed = base.get(r["size"], float("nan")) / r["denoise_median_s"]
         summary[f"{r['scheme']}_{r['size']}_speedup"] = round(speed, 3)
+        summary[f"{r['scheme']}_{r['size']}_step_s"] = r["denoise_median_s"]
         if "rel_l2_vs_bf16" in r:
             summary[f"{r['scheme']}_{r['size']}_rel_l2"] = r["rel_l2_vs_bf16"]
-        lines.append(f"{r['scheme']:8} {r['size']:5} {r['tokens']:7d} {r['denoise_median_s']:8.3f} {speed:8.3f} "
+        lines.append(f"{r['scheme']:10} {r['size']:5} {r['tokens']:7d} {r['denoise_median_s']:8.3f} {speed:8.3f} "
                      f"{r.get('rel_l2_vs_bf16', float('nan')):9.4f} {r.get('peak_gib', float('nan')):9.2f} "
                      f"{built.get(r['scheme'], {}).get('weight_gb', float('nan')):10.2f}")
     for s, r in built.items():
         summary[f"{s}_weight_gb"] = r["weight_gb"]
+    aq = [r for r in b.results["actquant"] if "error" not in r]
+    if b.results["actquant"]:
+        lines += ["", "activation quantizer (bf16 -> e4m3 per token; GB/s = (2 + 1 bytes/element + scales) / time)",
+                  f"{'m':>6} {'k':>6} {'setting':58} {'us':>8} {'GB/s':>7} exact"]
+        for r in b.results["actquant"]:
+            lines.append(f"{r['m']:6d} {r['k']:6d} {r['setting']:58} " + (
+                f"error: {r['error'][:60]}" if "error" in r else f"{r['us']:8.1f} {r['gb_s']:7.1f} {r['bit_exact']}"))
+        for k in sorted({r["k"] for r in aq if r["size"] != "-"}):
+            rows = {r["setting"]: r for r in aq if r["k"] == k and r["size"] != "-"}
+            old = next((r for n, r in rows.items() if n.startswith("previous")), None)
+            new = next((r for n, r in rows.items() if n.startswith("default")), None)
+            best = max((r for n, r in rows.items() if "gelu" not in n), key=lambda r: r["gb_s"], default=None)
+            summary[f"actquant_{k}"] = {"previous_gb_s": old and old["gb_s"], "default_gb_s": new and new["gb_s"],
+                                        "best_gb_s": best and best["gb_s"], "best_setting": best and best["setting"]}
     lines += ["", "GEMMs", f"{'size':5} {'k':>6} {'n':>6} {'row':40} {'ms':>9} {'TFLOP/s':>8} {'% ceil':>7}"]
     for r in b.results["gemm"]:
         if "error" in r:
@@ -402,16 +494,29 @@ def summarize(b: Bench):
             lines.append(f"{r['size']:5} {r['k']:6d} {r['n']:6d} {r['row']:40} {r['ms']:9.3f} {r['tflops']:8.1f} "
                          f"{pct if pct is not None else '':>7}")
     s = summary
+    full = "fp8+sage" if "fp8+sage_480p_speedup" in s else "fp8"
     verdict = {
-        "fp8_speedup_480p": (s.get("fp8_480p_speedup"), TARGETS["fp8_speedup_480p"], ">="),
+        # the full FP8/INT8 path (FP8 linears + INT8-QK/FP8-PV self-attention) against the bf16
+        # baseline with SDPA: median denoise step at 480p, same weights and inputs, same run
+        f"{full}_speedup_480p": (s.get(f"{full}_480p_speedup"), TARGETS["fp8_speedup_480p"], ">="),
         "fp8_weight_gb": (s.get("fp8_weight_gb"), TARGETS["fp8_weight_gb"], "<="),
+        f"{full}_rel_l2_480p": (s.get(f"{full}_480p_rel_l2"), TARGETS["output_rel_l2"], "<="),
         "fp8_rel_l2_480p": (s.get("fp8_480p_rel_l2"), TARGETS["output_rel_l2"], "<="),
     }
-    lines += ["", "targets"]
+    for k in ("actquant_5120", "actquant_13824"):
+        if k in s:
+            verdict[f"{k}_gb_s"] = (s[k]["default_gb_s"], 3000.0, ">=")
+    lines += ["", "targets (speedup = bf16 + SDPA median 480p denoise step / the row's; rel L2 = ||v - v_bf16_sdpa|| / "
+              "||v_bf16_sdpa|| of the denoise output; weights = DiT parameter + buffer bytes after quantize_)"]
     for k, (got, want, op) in verdict.items():
         ok = None if got is None else (got >= want if op == ">=" else got <= want)
         summary[f"target_{k}"] = {"got": got, "target": f"{op} {want}", "met": ok}
-        lines.append(f"  {k:20} got {got} target {op} {want}: {'MET' if ok else 'not met' if ok is False else 'n/a'}")
+        lines.append(f"  {k:24} got {got} target {op} {want}: {'MET' if ok else 'not met' if ok is False else 'n/a'}")
+    like = s.get("fp8+sage_480p_step_s"), s.get("bf16+sage_480p_step_s")
+    if all(like):
+        summary["fp8_sage_vs_bf16_sage_480p"] = round(like[1] / like[0], 3)
+        lines.append(f"  (info) fp8+sage vs bf16+sage (same attention both sides): {like[1] / like[0]:.3f}x; "
+                     f"fp8 vs bf16 with SDPA: {s.get('fp8_480p_speedup')}x")
     b.results["summary"] = summary
     b.save()
     print("\n".join(lines), flush=True)
@@ -423,8 +528,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_quant.json)")
     ap.add_argument("--sizes", default="480p,720p")
     ap.add_argument("--schemes", default="bf16,fp8,int8_wo,int8,nf4",
-                    help="DiT/GEMM rows; DiT-only variants: fp8/no_triton (eager act quant), fp8+edge1 (first/last block bf16)")
-    ap.add_argument("--parts", default="checks,gemm,dit")
+                    help="DiT/GEMM rows; DiT-only variants: fp8/no_triton (eager act quant), fp8+edge1 (first/last block bf16), "
+                         "fp8+sage / bf16+sage (self-attention on --sage-backend)")
+    ap.add_argument("--parts", default="checks,gemm,actquant,dit")
+    ap.add_argument("--sage-backend", default="sage", help="attention backend of the '+sage' rows, e.g. sage:64x128x4x3xtma")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--reps-720p", type=int, default=2)
     ap.add_argument("--kernel", default="auto", choices=("auto", "no_triton"),
@@ -456,6 +563,8 @@ def main(argv=None):
             print("  " + b.results["env"]["kernel_fallback"], flush=True)
     if "gemm" in parts:
         bench_gemm(b, sizes, schemes)
+    if "actquant" in parts:
+        bench_actquant(b, sizes)
     if "dit" in parts:
         bench_dit(b, sizes, schemes)
     summarize(b)

@@ -11,6 +11,7 @@ at a reduced token count, every scheme in its exact CPU emulation. Prints the ta
 
     python bench/quant_accuracy.py --models tiny,14b5 --modes compensated,uncompensated \\
         --exemptions fp8 --out quant_accuracy.json
+    python bench/quant_accuracy.py --models 14b5 --modes compensated,uncompensated --policies   # ~4 min each
 14b5: about 1.5 min per scheme and 1 min per exemption variant on 2 CPU cores (12 GB of RAM);
 14b10 doubles both and needs about 20 GB.
 """
@@ -55,10 +56,12 @@ def main(argv=None):
     ap.add_argument("--modes", default="none,compensated,uncompensated")
     ap.add_argument("--schemes", default="fp8,int8,int8_wo,nf4")
     ap.add_argument("--exemptions", default="fp8", help="schemes for measure_exemptions ('' to skip)")
+    ap.add_argument("--policies", action="store_true", help="only quant/report.py measure_policies (the override candidates)")
     args = ap.parse_args(argv)
     _import_wanimate()
     import torch
-    from wanimate.quant.report import accuracy_report, dit_inputs, inject_outliers, measure_exemptions
+    from wanimate.quant.report import (accuracy_report, dit_inputs, inject_outliers, measure_exemptions,
+                                       measure_policies)
     torch.set_num_threads(2)
     results = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     schemes = tuple(s for s in args.schemes.split(",") if s)
@@ -72,6 +75,13 @@ def main(argv=None):
                     inject_outliers(model, compensate=(mode == "compensated"))
                 x = dit_inputs(model.cfg, hw=hw, outlier_channels=0 if mode == "none" else 8)
                 key = f"{name} outliers={mode}"
+                if args.policies:
+                    pol = measure_policies(model, inputs=x, label=key)
+                    print(pol.table, flush=True)
+                    results[f"{key} policies"] = {**pol.data, "seconds": round(time.time() - t0)}
+                    Path(args.out).write_text(json.dumps(results, indent=1))
+                    del model
+                    continue
                 acc = accuracy_report(model, schemes, inputs=x, label=key)
                 print(acc.table, flush=True)
                 ex = measure_exemptions(model, ex_schemes, inputs=x, label=key) if ex_schemes else None

@@ -7,6 +7,11 @@ torch._int_mm returns int32 [M, N] and has no epilogue. Done in eager PyTorch th
 three or four passes with fp32 temporaries (about 5x the bytes of the output; at [32760, 13824]
 about 10 GB, ~3 ms on an H100, 60% of the GEMM itself); this kernel reads the accumulators once and
 writes the output once.
+
+The same kernel dequantizes the int8 weight-only layers (quant/int8.py int8_wo, int8_wo_cs): with
+acc = the int8 weight [out, in], scale_a = the per-row scale and scale_b = the per-column scale
+(ones for int8_wo) it writes (q * row) * col in the activation dtype in one pass (3 bytes per
+weight instead of the ~27 of the eager float() / multiply / multiply / cast chain).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _int8_epilogue_kernel(
-    ACC,                    # [M, N] int32, contiguous
+    ACC,                    # [M, N] int32 (or an int8 weight), contiguous
     SA,                     # [M] fp32 per-row (token) scales
     SB,                     # [N] fp32 per-column (output channel) scales
     BIAS,                   # [N] bias (any float dtype); unused when HAS_BIAS is False
@@ -77,7 +82,7 @@ def _(acc, scale_a, scale_b, bias, out_dtype):
 
 
 def kernel_ok(acc: torch.Tensor) -> bool:
-    """Whether the kernel takes acc (else int8_epilogue_ref): a contiguous 2-D int32 tensor on a CUDA
-    device, or on the CPU under TRITON_INTERPRET=1 (tests only)."""
+    """Whether the kernel takes acc (else int8_epilogue_ref): a contiguous 2-D int32 (or int8) tensor
+    on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (tests only)."""
     on_device = (acc.device.type == "cpu") if INTERPRETED else acc.is_cuda
-    return on_device and acc.dim() == 2 and acc.is_contiguous() and acc.dtype == torch.int32
+    return on_device and acc.dim() == 2 and acc.is_contiguous() and acc.dtype in (torch.int32, torch.int8)

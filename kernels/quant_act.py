@@ -8,7 +8,14 @@ reference bit for bit (both divisions are single IEEE divisions: div_rn here).
 Why a kernel: the reference in eager PyTorch makes five or six passes over x, two of them in fp32
 (about 5 GB of traffic for one [32760, 5120] bf16 input, ~1.5 ms on an H100 by bandwidth), which at
 480p costs about as much as the FP8 GEMM saves; this kernel reads x once and writes 1 byte per
-element (~0.15 ms). bench/quant.py times both.
+element (~0.12 ms at 4 TB/s). bench/quant.py times both, and the launch settings (its actquant part).
+The first version (fp32 row, 16 warps, one row per program) ran at ~1.35 TB/s on an H200: the row
+in fp32 plus the rounding temporaries left room for about one program per SM, so loads, the
+reduction and the stores did not overlap. The row is now held in its own dtype until the amax is
+known, with 8 warps (launch_config).
+
+`gelu_per_token_quant` is the same pass over GELU(tanh)(x): the FFN's hidden activation goes from
+the up-projection's output to the down GEMM's e4m3 input without writing the GELU output.
 
 Why the rounding is done by hand: the Triton interpreter (TRITON_INTERPRET=1, the CPU tests)
 rounds fp32 -> fp8 wrongly when the mantissa carries into the exponent (124.5 -> 64), so the kernel
@@ -25,28 +32,15 @@ import triton.language as tl
 
 from ..quant.act import AMAX_FLOOR, FP8, FP8_MAX, INT8_MAX, per_token_quant_ref  # noqa: F401  (the reference)
 
-MAX_K = 32768              # one row per program, held in registers
+MAX_K = 32768              # whole rows held in registers
 # Triton decides between compiling and interpreting when a kernel is defined, i.e. at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _per_token_quant_kernel(
-    X,                      # [M, K] input, row stride stride_xm, unit column stride
-    Q,                      # [M, K] output, int8 or float8e4nv, contiguous
-    S,                      # [M] fp32 scales
-    K,                      # row length
-    stride_xm,
-    QMAX: tl.constexpr,     # 448.0 or 127.0
-    IS_INT8: tl.constexpr,
-    BLOCK: tl.constexpr,    # next power of two >= K
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    x = tl.load(X + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-    y = x * tl.math.div_rn(QMAX, amax)
+def _round_to_grid(y, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
+    """y (fp32, already scaled) -> clamped and rounded half-to-even onto the int8 or e4m3 grid, still fp32
+    (so the final cast is exact on every backend)."""
     y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
     if IS_INT8:
         # Adding 1.5 * 2^23 leaves no fraction bits: fp32 addition rounds to the nearest even integer.
@@ -62,21 +56,96 @@ def _per_token_quant_kernel(
         sub = (a + 24576.0) - 24576.0
         r = tl.where(a < 0.015625, sub, normal)
         q = tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)
-    tl.store(Q + row * K + cols, q.to(Q.dtype.element_ty), mask=mask)
-    tl.store(S + row, tl.math.div_rn(amax, QMAX))
+    return q
 
 
-def per_token_quant_triton(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit
+def _gelu_tanh(x):
+    """GELU(tanh) of fp32 x: 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)), z = sqrt(2/pi) (x + 0.044715 x^3).
+    The sigmoid form has no cancellation at negative x (torch's 1 + tanh(z) has), and both tails
+    are exact (exp overflow -> -0, underflow -> x). Rounded to bf16 it agrees with torch's bf16
+    GELU up to one bf16 ulp (closer to the exact value than torch's own, tests/test_quant.py)."""
+    z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp(-2.0 * z))
+
+
+@triton.jit
+def _per_token_quant_kernel(
+    X,                      # [M, K] input, row stride stride_xm, unit column stride
+    Q,                      # [M, K] output, int8 or float8e4nv, contiguous
+    S,                      # [M] fp32 scales
+    M, K,
+    stride_xm,
+    QMAX: tl.constexpr,     # 448.0 or 127.0
+    IS_INT8: tl.constexpr,
+    BLOCK: tl.constexpr,    # next power of two >= K
+    ROWS: tl.constexpr,     # rows per program (a power of two)
+    EARLY_F32: tl.constexpr,  # upcast at the load (the first kernel's way; kept for bench/quant.py's old-vs-new row)
+    GELU: tl.constexpr,     # quantize gelu_tanh(x) rounded to x's dtype (the FFN hidden activation)
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    rmask = rows < M
+    mask = rmask[:, None] & (cols < K)[None, :]
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+    if GELU:
+        # Rounded to the input dtype (bf16 or fp32), as the unfused GELU module's output would be.
+        # The rounding to bf16 is done by hand (half to even on the integer view) because the
+        # interpreter truncates fp32 -> bf16; the result then converts exactly on every backend.
+        g = _gelu_tanh(x.to(tl.float32))
+        if X.dtype.element_ty == tl.bfloat16:
+            bits = g.to(tl.int32, bitcast=True)
+            g = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        x = g.to(X.dtype.element_ty)
+    if EARLY_F32:
+        x = x.to(tl.float32)
+    # The row stays in registers in its own dtype (bf16: half the registers of fp32) across the
+    # reduction; |x| and max are exact in any float dtype, so the amax equals the fp32 one. Fewer
+    # registers per row = more rows in flight per SM, which is what a memory-bound row kernel needs
+    # (the fp32 row plus the rounding temporaries held one 16-warp row per SM: ~1.35 TB/s on an H200).
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1).to(tl.float32), 1e-12)
+    limit = tl.full([ROWS], QMAX, tl.float32)
+    y = x.to(tl.float32) * tl.math.div_rn(limit, amax)[:, None]
+    q = _round_to_grid(y, QMAX, IS_INT8)
+    tl.store(Q + rows[:, None] * K + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(S + rows, tl.math.div_rn(amax, limit), mask=rmask)
+
+
+def launch_config(k: int) -> dict:
+    """BLOCK, ROWS and num_warps for rows of length k: 8 warps over a whole row (BLOCK >= 4096:
+    16-32 bf16 values per thread, two to four 16-byte loads), several rows per program for short
+    rows so that a program still moves ~8K elements. bench/quant.py sweeps the alternatives."""
+    block = triton.next_power_of_2(k)
+    rows = max(1, min(16, 8192 // block))
+    num_warps = 4 if block * rows <= 2048 else 8
+    return {"BLOCK": block, "ROWS": rows, "num_warps": num_warps}
+
+
+def per_token_quant_triton(x: torch.Tensor, int8: bool, *, gelu: bool = False, rows: int | None = None,
+                           num_warps: int | None = None, early_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q, scale [M, 1]); gelu: quantize gelu_tanh(x) instead. rows/num_warps/early_f32
+    override launch_config (benchmark sweeps; every setting gives the same bits)."""
     m, k = x.shape
+    if gelu and x.dtype not in (torch.bfloat16, torch.float32):
+        raise TypeError(f"the fused GELU takes bf16 or fp32 input, got {x.dtype}")
     q = torch.empty((m, k), dtype=torch.int8 if int8 else FP8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    block = triton.next_power_of_2(k)
-    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _per_token_quant_kernel[(m,)](x, q, scale, k, x.stride(0), QMAX=INT8_MAX if int8 else FP8_MAX,
-                                  IS_INT8=int8, BLOCK=block, num_warps=num_warps)
+    cfg = launch_config(k)
+    if rows is not None:
+        cfg["ROWS"] = rows
+    if num_warps is not None:
+        cfg["num_warps"] = num_warps
+    grid = (triton.cdiv(m, cfg["ROWS"]),)
+    _per_token_quant_kernel[grid](x, q, scale, m, k, x.stride(0), QMAX=INT8_MAX if int8 else FP8_MAX,
+                                  IS_INT8=int8, EARLY_F32=early_f32, GELU=gelu, **cfg)
     return q, scale
+
+
+def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
+    """The FFN's activation as engine/model.py runs it (nn.GELU(approximate="tanh"), in x's dtype)."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
 
 
 @torch.library.custom_op("wanimate::per_token_quant", mutates_args=())
@@ -86,6 +155,18 @@ def per_token_quant(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Te
 
 
 @per_token_quant.register_fake
+def _(x, int8):
+    m, k = x.shape
+    return (x.new_empty((m, k), dtype=torch.int8 if int8 else FP8), x.new_empty((m, 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("wanimate::gelu_per_token_quant", mutates_args=())
+def gelu_per_token_quant(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_token_quant(gelu_tanh(x)) in one pass: the FFN up-projection's output -> the down GEMM's input."""
+    return per_token_quant_triton(x, int8, gelu=True)
+
+
+@gelu_per_token_quant.register_fake
 def _(x, int8):
     m, k = x.shape
     return (x.new_empty((m, k), dtype=torch.int8 if int8 else FP8), x.new_empty((m, 1), dtype=torch.float32))

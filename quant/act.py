@@ -37,8 +37,8 @@ def per_token_quant_ref(x: torch.Tensor, int8: bool) -> tuple[torch.Tensor, torc
 
 def int8_epilogue_ref(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """acc [M, N] int32, scale_a [M, 1] fp32, scale_b [N] fp32, bias [N] or None -> [M, N] out_dtype,
-    computed as (acc * scale_a) * scale_b + bias in fp32 and rounded once."""
+    """acc [M, N] int32 (or int8), scale_a [M, 1] fp32, scale_b [N] fp32, bias [N] or None -> [M, N]
+    out_dtype, computed as (acc * scale_a) * scale_b + bias in fp32 and rounded once."""
     y = (acc.float() * scale_a) * scale_b
     if bias is not None:
         y = y + bias.float()
@@ -49,12 +49,17 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def quantize_activations(x: torch.Tensor, int8: bool, kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q, scale [M, 1]). The fused kernel when kernel == "auto" and its guard takes x."""
+def quantize_activations(x: torch.Tensor, int8: bool, kernel: str = "auto",
+                         gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q, scale [M, 1]) of x, or of GELU(tanh)(x) with gelu=True (the FFN's hidden
+    activation, in x's dtype). The fused kernel when kernel == "auto" and its guard takes x."""
     if kernel == "auto" and _triton_available():
         from ..kernels import quant_act
-        if quant_act.kernel_ok(x):
-            return torch.ops.wanimate.per_token_quant(x, int8)
+        if quant_act.kernel_ok(x) and not (gelu and x.dtype == torch.float16):
+            op = torch.ops.wanimate.gelu_per_token_quant if gelu else torch.ops.wanimate.per_token_quant
+            return op(x, int8)
+    if gelu:
+        x = torch.nn.functional.gelu(x, approximate="tanh")
     return per_token_quant_ref(x, int8)
 
 

@@ -36,7 +36,26 @@ def quantize_(model: nn.Module, config: QuantConfig,
                 raise ValidationError(f"{name}: the weights are on the meta device; load them first, or use "
                                       "convert_for_runtime to build empty quantized modules")
             _set_module(model, name, get_scheme(config.scheme_for(name)).from_linear(linear, config))
+    if config.fuse_gelu:
+        fuse_ffn_gelu(model)
     return names
+
+
+def fuse_ffn_gelu(model: nn.Module) -> list[str]:
+    """Fold each FFN's GELU(tanh) into the FP8 down-projection after it: in an nn.Sequential
+    (Linear, GELU(tanh), Fp8Linear) the GELU becomes an Identity and the Fp8Linear quantizes
+    gelu(x) itself (kernels/quant_act.py gelu_per_token_quant: one pass instead of the GELU's
+    read and write of the [tokens, 13824] hidden activation, ~0.45 ms per block at 480p on an
+    H200). The state dict is unchanged (GELU has no parameters). Returns the Sequentials changed."""
+    from .fp8 import Fp8Linear
+    done = []
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Sequential) and len(module) == 3 and isinstance(module[1], nn.GELU)
+                and module[1].approximate == "tanh" and type(module[2]) is Fp8Linear and not module[2].gelu_input):
+            module[1] = nn.Identity()
+            module[2].gelu_input = True
+            done.append(name)
+    return done
 
 
 def convert_for_runtime(model: nn.Module, config: QuantConfig, names: list[str] | None = None,
@@ -52,6 +71,8 @@ def convert_for_runtime(model: nn.Module, config: QuantConfig, names: list[str] 
         cls = get_scheme(config.scheme_for(name))
         _set_module(model, name, cls(linear.in_features, linear.out_features, linear.bias is not None, config,
                                      device=device))
+    if config.fuse_gelu:
+        fuse_ffn_gelu(model)
     return names
 
 

@@ -1,6 +1,6 @@
 """What to quantize and how: the QuantConfig dataclass and the layer policy.
 
-A scheme (fp8, int8, int8_wo, nf4) says how one nn.Linear is stored and computed; the policy says
+A scheme (fp8, int8, int8_wo, int8_wo_cs, nf4) says how one nn.Linear is stored and computed; the policy says
 which of the DiT's linears are swapped. Only `nn.Linear` modules are candidates (the motion
 encoder's EqualLinear/EqualConv2d and all convolutions stay as they are), and these never are:
 
@@ -44,23 +44,43 @@ GROUPS: dict[str, tuple[str, ...]] = {
 #   embeddings 2.2%, cross-attn q/o 2.3%, cross-attn k/v 1.8%, face adapter 1.7%, FFN 1.1%,
 #   self-attn 0.7%; everything 4.3%; everything but the first and last block 3.6%.
 # Keeping the embeddings in bf16 is free (0.4% of the weights, run once per segment on a few hundred
-# rows). The cross-attention k/v and the face adapter go to int8 weight-only (DEFAULT_OVERRIDES:
-# same 1 byte/weight, 4x less error there). With this policy: FP8 output 2.8% (no overrides: 3.7%;
-# int8_wo 1.9%, nf4 10.5%, W8A8 int8 20%: per-token int8 cannot hold 20-100x outlier channels) and
-# 17.58 GB of FP8 DiT weights. Keeping the first and last block too gives 2.3% (uncompensated
-# outliers: 3.3% vs 4.6%) but 18.39 GB, and the face adapter in bf16 18.41 GB: both over the 18 GB
-# budget, so neither is the default (keep_edge_blocks=1 is one switch away).
+# rows). The cross-attention k/v, the face adapter and the cross-attention q/o go to int8
+# weight-only with column scales (int8_wo_cs, quant/int8.py; DEFAULT_OVERRIDES: 1 byte/weight plus
+# 4 bytes per input channel, so 17.58 GB of FP8 DiT weights, 17.57 before).
+# Policies measured (FP8 output rel L2, 5 blocks, compensated / uncompensated outliers;
+# bench/quant_accuracy.py --policies and the int8_wo_cs rows):
+#   k/v + face adapter int8_wo (the previous default)        2.83% / 4.60%  (40 blocks, GPU: 3.88%)
+#   + cross-attn q/o int8_wo                                  2.22% / 4.09%  (cross q/o alone: 1.48% / 0.88%)
+#   + also self_attn.o int8_wo                                2.23% / 3.79%
+#   + also ffn.2 (the down projection) int8_wo                2.13% / 3.88%  (+2.4 ms per block: no)
+#   cross q/o + k/v + face adapter int8_wo_cs (this default)  2.11% / 4.07%  (cross q/o alone: 0.68% / 0.90%)
+#   (weight-only alone: int8_wo 1.9%, int8_wo_cs 1.69%)
+# The 40-block output error was 1.37x the 5-block one for the previous default, so this default
+# extrapolates to ~2.9% at 40 blocks (bench/quant.py measures it). Speed cost: an int8_wo linear
+# is a weight dequant + bf16 GEMM, 2.31 ms vs 1.56 ms for the FP8 module (2.13 ms bf16) at
+# 32760x5120x5120 on an H200: 2 per block, ~+60 ms per 480p step of ~2.5 s (the column scale
+# adds one weight-sized multiply, ~0.05 ms). Without any overrides FP8 gives 3.7% (nf4 10.5%,
+# W8A8 int8 20%: per-token int8 cannot hold 20-100x outlier channels). Keeping the first and last
+# block in bf16 too gave 2.3% with the previous default but 18.39 GB, and the face adapter in
+# bf16 18.41 GB: both over the 18 GB budget, so neither is the default (keep_edge_blocks=1 is
+# one switch away).
 DEFAULT_KEEP: tuple[str, ...] = GROUPS["embeddings"]
 DEFAULT_EDGE_BLOCKS = 0
 
-# Per-layer scheme overrides for the activation-quantizing schemes (fp8, int8): layers whose inputs
-# need no per-token quantization for speed get int8 weight-only instead, at the same 1 byte/weight.
+# Per-layer scheme overrides for the activation-quantizing schemes (fp8, int8): layers that get int8
+# weight-only (with column scales: the consumers of outlier channels keep their small columns)
+# instead, at the same 1 byte/weight.
+# - cross-attention q and o: the largest share of the FP8 output error (e4m3's ~3.7% per GEMM on
+#   the two linears around the text/image cross-attention; numbers above).
 # - cross-attention k, v, k_img, v_img: run once per segment in prepare() on the 769 context rows,
 #   448 of which are the identical zero-padded text rows (their quantization error is coherent, it
-#   does not average out): measured the most sensitive group after cross q/o (report.py numbers).
+#   does not average out): measured the most sensitive group after cross q/o.
 # - the face adapter: linear1_kv sees 5 motion tokens per frame; q/linear2 are 2.6% of the GEMM FLOPs.
 ACTIVATION_SCHEMES = ("fp8", "int8")
 DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
+    (p, "int8_wo_cs") for p in GROUPS["cross_attn_q_o"] + GROUPS["cross_attn_kv"] + GROUPS["face_adapter"])
+# The previous default (cross-attention q/o in FP8), for the measurements that compare against it.
+PREVIOUS_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
     (p, "int8_wo") for p in GROUPS["cross_attn_kv"] + GROUPS["face_adapter"])
 
 KERNELS = ("auto", "no_triton", "reference")
@@ -68,7 +88,7 @@ KERNELS = ("auto", "no_triton", "reference")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """scheme: a registered scheme name (quant/registry.py: fp8, int8, int8_wo, nf4).
+    """scheme: a registered scheme name (quant/registry.py: fp8, int8, int8_wo, int8_wo_cs, nf4).
     keep: fnmatch patterns of module names kept in their original dtype.
     keep_edge_blocks: the first and the last N transformer blocks are kept as well.
     overrides: (fnmatch pattern, scheme) pairs, first match wins: that layer uses that scheme instead.
@@ -78,7 +98,9 @@ class QuantConfig:
         (torch._scaled_mm, torch._int_mm, bitsandbytes) but quantizes activations and applies the
         INT8 epilogue in eager torch (a fallback, and the ablation of the fused kernels);
         "reference" always runs the pure-torch path (the exact CPU emulation).
-    nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64)."""
+    nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64).
+    fuse_gelu: fold the FFN's GELU(tanh) into the FP8 down-projection's activation quantization
+        (quant/api.py fuse_ffn_gelu; the same function up to the GELU's bf16 rounding)."""
     scheme: str = "fp8"
     keep: tuple[str, ...] = DEFAULT_KEEP
     keep_edge_blocks: int = DEFAULT_EDGE_BLOCKS
@@ -86,6 +108,7 @@ class QuantConfig:
     fast_accum: bool = True
     kernel: str = "auto"
     nf4_blocksize: int = 64
+    fuse_gelu: bool = True
 
     def __post_init__(self):
         from .registry import available_schemes
@@ -113,7 +136,7 @@ class QuantConfig:
 
     def replace(self, **changes) -> "QuantConfig":
         """dataclasses.replace; a new scheme also gets its own default overrides when the current
-        ones are the old scheme's defaults (so fp8 -> nf4 does not keep fp8's int8_wo layers)."""
+        ones are the old scheme's defaults (so fp8 -> nf4 does not keep fp8's int8_wo_cs layers)."""
         if "scheme" in changes and "overrides" not in changes:
             old_default = DEFAULT_OVERRIDES if self.scheme in ACTIVATION_SCHEMES else ()
             if self.overrides == old_default:

@@ -49,6 +49,9 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 @register_scheme("fp8")
 class Fp8Linear(QuantLinear):
     min_capability = (8, 9)
+    # True when the preceding GELU(tanh) module was folded into this layer's activation
+    # quantization (quant/api.py fuse_ffn_gelu): forward then takes the pre-GELU input.
+    gelu_input = False
 
     @classmethod
     def _layout(cls, in_features, out_features, config):
@@ -63,7 +66,8 @@ class Fp8Linear(QuantLinear):
         return self.weight.float() * self.weight_scale[:, None]
 
     def _settings(self) -> str:
-        return f"weight=e4m3 per-channel, act=e4m3 per-token, fast_accum={self.config.fast_accum}, kernel={self.config.kernel}"
+        return (f"weight=e4m3 per-channel, act=e4m3 per-token, fast_accum={self.config.fast_accum}, "
+                f"kernel={self.config.kernel}" + (", input=gelu_tanh(x)" if self.gelu_input else ""))
 
     def gemm_ok(self, x: torch.Tensor) -> bool:
         """The kernel-vs-reference guard: torch._scaled_mm rowwise takes bf16-out problems on sm89+
@@ -75,11 +79,13 @@ class Fp8Linear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = self._flatten(x)
         if self.gemm_ok(x2):
-            xq, xs = quantize_activations(x2, int8=False, kernel=self.config.kernel)
+            xq, xs = quantize_activations(x2, int8=False, kernel=self.config.kernel, gelu=self.gelu_input)
             bias = self.bias.to(torch.bfloat16) if self.bias is not None else None
             y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.view(1, -1), bias=bias,
                                  out_dtype=torch.bfloat16, use_fast_accum=self.config.fast_accum)
         else:
+            if self.gelu_input:
+                x2 = torch.nn.functional.gelu(x2, approximate="tanh")
             y = fp8_linear_ref(x2, self.weight, self.weight_scale, self.bias, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 

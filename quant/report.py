@@ -28,6 +28,9 @@ Measured (bench/quant_accuracy.py, CPU, bf16 reference; DiT output = one call's 
     depth, compensated:          14B arch 10 blocks: fp8 3.6%, int8_wo 2.3% (5 blocks: 2.8%, 1.9%).
     The output error grows about as depth^(1/3) here, so 40 blocks extrapolate to ~5-6% for fp8 on
     random weights (bench/quant.py measures it on the GPU; a trained model's sensitivity differs).
+    (The fp8 rows above used the policy with cross-attention q/o in FP8; the 40-block GPU run gave
+    3.88%. The current default, cross q/o + k/v + face adapter on int8_wo_cs, gives 2.11% / 4.07% at
+    5 blocks: measure_policies, numbers in quant/config.py.)
 
 * the tiny rows used the earlier default (face adapter in bf16, no overrides). Reading: e4m3 costs
 ~3.7% per layer whatever the outliers (it has an exponent); per-token INT8 loses the small channels
@@ -50,7 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .api import _set_module
-from .config import GROUPS, QuantConfig, select_linears
+from .config import DEFAULT_OVERRIDES, GROUPS, PREVIOUS_OVERRIDES, QuantConfig, select_linears
 from .registry import get_scheme
 
 
@@ -311,6 +314,7 @@ def measure_exemptions(model: nn.Module, schemes: tuple[str, ...] = ("fp8", "int
     for g, patterns in GROUPS.items():
         variants[f"only {g}"] = (everything, _only(patterns))
     variants["keep embeddings, no overrides"] = (QuantConfig("fp8", overrides=()), None)
+    variants["previous default (cross q/o fp8)"] = (QuantConfig("fp8", overrides=PREVIOUS_OVERRIDES), None)
     variants["default policy"] = (QuantConfig("fp8"), None)
     variants["all but first+last block"] = (everything.replace(keep_edge_blocks=1), None)
     variants["default + first+last block"] = (QuantConfig("fp8", keep_edge_blocks=1), None)
@@ -330,6 +334,38 @@ def measure_exemptions(model: nn.Module, schemes: tuple[str, ...] = ("fp8", "int
     return AccuracyReport("\n".join(lines), data)
 
 
+def measure_policies(model: nn.Module, *, inputs: dict[str, torch.Tensor] | None = None,
+                     label: str = "") -> AccuracyReport:
+    """The FP8 output error of the candidate override policies (all at ~1 byte/weight, so the same
+    weight bytes): the previous default, + cross q/o on plain int8_wo, the current default, and the
+    current one with one more layer kind on int8_wo_cs; plus cross-attention q/o alone on each
+    weight-only scheme (its share of the error)."""
+    inputs = inputs if inputs is not None else dit_inputs(model.cfg, device=next(model.parameters()).device)
+    run = dit_runner(inputs)
+    ref = run(model)
+    qo = GROUPS["cross_attn_q_o"]
+    variants = {
+        "previous default (cross q/o fp8)": (QuantConfig("fp8", overrides=PREVIOUS_OVERRIDES), None),
+        "previous + cross q/o int8_wo": (QuantConfig(
+            "fp8", overrides=PREVIOUS_OVERRIDES + tuple((p, "int8_wo") for p in qo)), None),
+        "default (q/o, k/v, face int8_wo_cs)": (QuantConfig("fp8"), None),
+        "default + self_attn.o int8_wo_cs": (QuantConfig(
+            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.self_attn.o", "int8_wo_cs"),)), None),
+        "default + ffn.2 int8_wo_cs": (QuantConfig(
+            "fp8", overrides=DEFAULT_OVERRIDES + (("blocks.*.ffn.2", "int8_wo_cs"),)), None),
+        "only cross q/o, int8_wo": (QuantConfig("int8_wo", keep=(), overrides=()), _only(qo)),
+        "only cross q/o, int8_wo_cs": (QuantConfig("int8_wo_cs", keep=(), overrides=()), _only(qo)),
+    }
+    data = {"label": label, "results": {}}
+    lines = [f"policies {label}: FP8 DiT output rel L2 vs unquantized", f"{'variant':36} {'rel L2':>9}"]
+    for vname, (cfg, filt) in variants.items():
+        names = select_linears(model, cfg, filt)
+        err = quantization_error(model, cfg, run, names=names, per_layer=False, reference=ref).output_rel_l2
+        data["results"][vname] = err
+        lines.append(f"{vname:36} {err:9.4f}")
+    return AccuracyReport("\n".join(lines), data)
+
+
 def _only(patterns):
     import fnmatch
     return lambda module, name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -337,4 +373,4 @@ def _only(patterns):
 
 __all__ = ["AccuracyReport", "QuantError", "accuracy_report", "checkpoint_accuracy_report", "dit_inputs",
            "reference_accuracy_report", "dit_runner", "inject_outliers",
-           "measure_exemptions", "quantization_error", "random_dit", "rel_l2", "summarize_layers"]
+           "measure_exemptions", "measure_policies", "quantization_error", "random_dit", "rel_l2", "summarize_layers"]

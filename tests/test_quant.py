@@ -3,6 +3,7 @@ torch's own kernels where the CPU build has them, error bounds against the float
 policy, module swaps on real and meta modules."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -57,6 +58,50 @@ def test_per_token_quant_kernel_bit_exact(dtype, int8, shape):
     q_ref, s_ref = per_token_quant_ref(x, int8)
     assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(s, s_ref)
     assert torch.equal(q[1].float(), torch.zeros(shape[1], device=DEVICE))
+
+
+@pytest.mark.parametrize("rows,num_warps,early_f32", [(None, None, False), (4, 4, False), (2, 8, True)])
+def test_per_token_quant_kernel_settings_bit_exact(rows, num_warps, early_f32):
+    """Every launch setting the benchmark sweeps gives the reference's bits, including a row count
+    that does not divide M (masked rows) and a K that is not a power of two."""
+    pytest.importorskip("triton")
+    from wanimate.kernels import quant_act
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(7, 320, generator=g) * torch.logspace(-4, 3, 7)[:, None]).to(torch.bfloat16).to(DEVICE)
+    for int8 in (False, True):
+        q, s = quant_act.per_token_quant_triton(x, int8, rows=rows, num_warps=num_warps, early_f32=early_f32)
+        q_ref, s_ref = per_token_quant_ref(x, int8)
+        assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(s, s_ref)
+
+
+def test_launch_config_covers_rows_and_short_rows():
+    pytest.importorskip("triton")
+    from wanimate.kernels import quant_act
+    assert quant_act.launch_config(5120) == {"BLOCK": 8192, "ROWS": 1, "num_warps": 8}
+    assert quant_act.launch_config(13824)["BLOCK"] == 16384
+    small = quant_act.launch_config(64)
+    assert small["BLOCK"] * small["ROWS"] == 1024 and small["ROWS"] == 16
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_gelu_per_token_quant_matches_unfused(int8):
+    """The fused GELU(tanh) + quant against quant(gelu(x)) in bf16: the GELU rounding to bf16 may
+    differ by one bf16 ulp on a few values (tanh implementations), so codes agree up to one step
+    on those and the dequantized values stay within bf16 + grid precision."""
+    pytest.importorskip("triton")
+    from wanimate.kernels import quant_act
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 1000, generator=g) * 4).to(torch.bfloat16).to(DEVICE)
+    x[0, :4] = torch.tensor([-30.0, 30.0, 0.0, -0.0])    # tails: gelu -> -0/0 and x
+    q, s = torch.ops.wanimate.gelu_per_token_quant(x, int8)
+    q_ref, s_ref = per_token_quant_ref(quant_act.gelu_tanh_ref(x), int8)
+    torch.testing.assert_close(s, s_ref, rtol=1e-2, atol=0)
+    same = (_bits(q) == _bits(q_ref)).float().mean().item()
+    assert same > 0.99, same
+    deq, deq_ref = q.float() * s, q_ref.float() * s_ref
+    assert _rel(deq, deq_ref) < 0.01
+    gelu_ref = quant_act.gelu_tanh_ref(x).float()
+    assert _rel(deq, gelu_ref) < (0.03 if int8 else 0.05)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
@@ -138,7 +183,8 @@ def test_weight_quant_is_per_output_channel(quant):
 
 # Per-layer rel L2 of one random Linear (K=256): e4m3 has 3 mantissa bits (~3.5% for weights and
 # activations both), int8 per-token ~1%, int8 weight-only ~0.7%, nf4 ~9%.
-BOUNDS = {"fp8": (0.01, 0.06), "int8": (0.002, 0.02), "int8_wo": (0.001, 0.015), "nf4": (0.03, 0.15)}
+BOUNDS = {"fp8": (0.01, 0.06), "int8": (0.002, 0.02), "int8_wo": (0.001, 0.015), "int8_wo_cs": (0.001, 0.015),
+          "nf4": (0.03, 0.15)}
 
 
 @pytest.mark.parametrize("scheme", sorted(BOUNDS))
@@ -172,6 +218,45 @@ def test_meta_swap_then_assign_equals_from_linear(scheme):
     assert torch.equal(empty(x), direct(x))
     with pytest.raises(ValidationError, match="expected"):
         empty.load_quantized({"weight": torch.zeros(3, dtype=torch.uint8)})
+
+
+def test_int8_wo_cs_keeps_small_columns():
+    """A weight column 50x smaller than the rest (the consumer of an activation outlier channel)
+    fed 50x larger inputs: per-row int8 rounds it to a few levels, the column scale keeps it."""
+    from wanimate.quant.int8 import quantize_int8_weight_cols
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(256, 64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(64, 256, generator=g))
+        lin.weight[:, :4] /= 50
+    x = torch.randn(32, 256, generator=g)
+    x[:, :4] *= 50
+    plain = get_scheme("int8_wo").from_linear(lin, QuantConfig("int8_wo"))
+    cs = get_scheme("int8_wo_cs").from_linear(lin, QuantConfig("int8_wo_cs"))
+    with torch.no_grad():
+        want = lin(x)
+        e_plain, e_cs = _rel(plain(x), want), _rel(cs(x), want)
+    assert e_cs < e_plain / 3, (e_cs, e_plain)
+    q, row, col = quantize_int8_weight_cols(lin.weight)
+    assert q.dtype == torch.int8 and row.shape == (64,) and col.shape == (256,)
+    assert (q.abs().amax(dim=0) >= 60).all()           # every column uses a good part of the int8 range
+    assert cs.stored_bytes() == plain.stored_bytes() + 256 * 4
+
+
+@pytest.mark.parametrize("scheme", ["int8_wo", "int8_wo_cs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_weight_only_dequant_kernel_bit_exact(scheme, dtype):
+    """The weight-only layers dequantize through the INT8 epilogue kernel (int8 input, row and
+    column scales): the same bits as the eager dequantize() rounded to the activation dtype."""
+    pytest.importorskip("triton")
+    from wanimate.kernels import int8_epilogue as epi
+    lin = nn.Linear(96, 40).to(dtype)
+    mod = get_scheme(scheme).from_linear(lin, QuantConfig(scheme)).to(DEVICE)
+    assert epi.kernel_ok(mod.weight)
+    x = torch.randn(5, 96, dtype=dtype, device=DEVICE)
+    want = torch.nn.functional.linear(x, mod.dequantize().to(dtype), mod.bias.to(dtype))
+    with torch.no_grad():
+        assert torch.equal(mod(x), want)
 
 
 def test_extra_repr_shows_settings():
@@ -210,8 +295,11 @@ def test_config_validation_and_json_roundtrip():
     # overrides: activation-quantizing schemes put the context projections and the face adapter on
     # int8 weight-only; weight-only schemes have none; a scheme change takes the new default
     fp8 = QuantConfig("fp8")
-    assert fp8.scheme_for("blocks.7.cross_attn.v_img") == "int8_wo" and fp8.scheme_for("blocks.7.cross_attn.q") == "fp8"
-    assert fp8.scheme_for("face_adapter.fuser_blocks.2.linear1_kv") == "int8_wo"
+    assert fp8.scheme_for("blocks.7.cross_attn.v_img") == "int8_wo_cs"
+    assert fp8.scheme_for("blocks.7.cross_attn.q") == fp8.scheme_for("blocks.7.cross_attn.o") == "int8_wo_cs"
+    assert fp8.scheme_for("blocks.7.self_attn.o") == "fp8" and fp8.scheme_for("blocks.7.self_attn.q") == "fp8"
+    assert fp8.scheme_for("blocks.7.ffn.0") == "fp8" and fp8.scheme_for("blocks.7.ffn.2") == "fp8"
+    assert fp8.scheme_for("face_adapter.fuser_blocks.2.linear1_kv") == "int8_wo_cs"
     assert QuantConfig("nf4").overrides == () and fp8.replace(scheme="nf4").overrides == ()
     assert QuantConfig("fp8", overrides=()).scheme_for("blocks.0.cross_attn.k") == "fp8"
     with pytest.raises(ValidationError, match="override scheme"):
@@ -236,6 +324,35 @@ def test_quantize_model_runs_and_stays_close(scheme):
     assert torch.isfinite(got).all()
     assert 1e-4 < _rel(got, ref) < {"fp8": 0.1, "int8": 0.05, "int8_wo": 0.05, "nf4": 0.2}[scheme]
     assert model.dtype == torch.bfloat16            # the compute dtype (patch_embedding) is untouched
+
+
+def test_ffn_gelu_folded_into_fp8_down_projection():
+    """quantize_ folds the FFN's GELU into the FP8 down-projection: same state dict, same output
+    (the reference path computes the same GELU), and the fused quantizer agrees with GELU + quant."""
+    from wanimate.quant.act import quantize_activations
+    from wanimate.quant.report import dit_inputs, dit_runner
+    run = dit_runner(dit_inputs(CFG, hw=(4, 6), text_rows=5))
+    fused, plain = recipe_dit(CFG, 11, dtype=torch.bfloat16), recipe_dit(CFG, 11, dtype=torch.bfloat16)
+    with torch.no_grad():
+        quantize_(fused, QuantConfig("fp8", kernel="reference"))
+        quantize_(plain, QuantConfig("fp8", kernel="reference", fuse_gelu=False))
+        assert torch.equal(run(fused), run(plain))
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    for block_f, block_p in zip(fused.blocks, plain.blocks):
+        assert isinstance(block_f.ffn[1], nn.Identity) and block_f.ffn[2].gelu_input
+        assert isinstance(block_p.ffn[1], nn.GELU) and not block_p.ffn[2].gelu_input
+    assert "gelu_tanh" in repr(fused.blocks[0].ffn[2])
+    assert QuantConfig.from_json('{"scheme": "fp8"}').fuse_gelu      # configs saved before the flag
+    # int8_wo down-projections are left alone
+    wo = recipe_dit(CFG, 11, dtype=torch.bfloat16)
+    quantize_(wo, QuantConfig("int8_wo"))
+    assert isinstance(wo.blocks[0].ffn[1], nn.GELU)
+    if importlib.util.find_spec("triton") is not None:
+        x = (torch.randn(9, 96, generator=torch.Generator().manual_seed(2)) * 3).to(torch.bfloat16).to(DEVICE)
+        q, s = quantize_activations(x, False, kernel="auto", gelu=True)
+        q_ref, s_ref = quantize_activations(x, False, kernel="reference", gelu=True)
+        assert (_bits(q) == _bits(q_ref)).float().mean() > 0.99
+        torch.testing.assert_close(s, s_ref, rtol=1e-2, atol=0)
 
 
 def test_quantize_requires_loaded_weights_and_create_state_dict():

@@ -44,7 +44,7 @@ def _diffusers_ckpt(directory, model):
                      config=diffusers_config(CFG))
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int8", "int8_wo", "nf4"])
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int8_wo", "int8_wo_cs", "nf4"])
 def test_quantized_checkpoint_loads_to_the_in_memory_quantization(tmp_path, scheme):
     ref = recipe_dit(CFG, 3, dtype=torch.bfloat16)
     _diffusers_ckpt(tmp_path / "src", ref)               # fp32 diffusers layout in, like the -Diffusers release
@@ -56,7 +56,7 @@ def test_quantized_checkpoint_loads_to_the_in_memory_quantization(tmp_path, sche
     assert type(loaded.blocks[0].ffn[0]) is type(ref.blocks[0].ffn[0])
     assert type(loaded.blocks[0].cross_attn.k) is type(ref.blocks[0].cross_attn.k)     # per-layer overrides
     schemes = json.loads((tmp_path / "q" / INDEX_NAME).read_text())["module_schemes"]
-    assert schemes["blocks.0.cross_attn.k"] == ("int8_wo" if scheme in ("fp8", "int8") else scheme)
+    assert schemes["blocks.0.cross_attn.k"] == ("int8_wo_cs" if scheme in ("fp8", "int8") else scheme)
     if scheme == "fp8":                     # same modules + same tensors: one forward check suffices
         x = dit_inputs(CFG, hw=(4, 4), text_rows=3)
         with torch.no_grad():

@@ -24,7 +24,7 @@ def test_quantization_error_restores_the_float_model_and_reports_layers():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(err.layers) == set(err.names) and len(err.names) == 63      # default policy: embeddings kept
     assert all(0.01 < e < 0.1 for n, e in err.layers.items() if QuantConfig("fp8").scheme_for(n) == "fp8")  # e4m3: ~3.5%
-    assert all(0.001 < e < 0.02 for n, e in err.layers.items() if QuantConfig("fp8").scheme_for(n) == "int8_wo")
+    assert all(0.001 < e < 0.02 for n, e in err.layers.items() if QuantConfig("fp8").scheme_for(n) == "int8_wo_cs")
     assert 0.001 < err.output_rel_l2 < 0.2
 
 
