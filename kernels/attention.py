@@ -35,9 +35,8 @@ The quantized kernel follows SageAttention2 (thu-ml/SageAttention, ENGINES.md §
     and K (same scales, rotation and smoothing; fp32-accumulated Q·K, no int->float trick):
     ~2.5x the int8 error on DiT-like inputs (rel L2 2.4% vs 1.0% at 1k tokens, q_gain 0.5;
     5.8% vs 2.2% at a near one-hot softmax; 0.97% vs 0.41% at 75,600 keys), bought for the
-    FA3 order (`fa3`), which Triton only
-    leaves asynchronous for fp32 accumulators and which ptxas still serializes (see
-    `_sage_tiles_fa3`). `pipe`, `ws`, `poly`: see AttnConfig.
+    FA3 order (`fa3`), which Triton only leaves asynchronous for fp32 accumulators and which
+    ptxas still serializes (see `_sage_tiles_fa3`). `pipe`, `ws`, `poly`: see AttnConfig.
   * Tiles come in through pointers (cp.async) or, with `tma=True`, through TMA descriptors over
     the quantized buffers: same math, ~70 fewer registers per thread at 128x128 (sm_90 compile).
 

@@ -437,7 +437,7 @@ def test_set_backend_and_report():
     report = E.attention_report(model)
     assert report["self"] == "triton" and report["cross"] == "sdpa" and report["face"] == "sdpa"
     assert set(report["kernels"]["triton"]) == {"block_m", "block_n", "num_warps", "num_stages", "tma", "pipe", "ws",
-                                                "poly", "maxnreg"}
+                                                "poly", "qk8", "fa3", "acc1", "maxnreg"}
     E.set_attention_backend(model, "sage", which="all")
     assert {k: E.attention_report(model)[k] for k in E.ATTENTION_KINDS} == dict.fromkeys(E.ATTENTION_KINDS, "sage")
     model.blocks[0].self_attn.backend = "sdpa"
@@ -454,7 +454,8 @@ def test_set_backend_and_report():
     E.set_attention_backend(model, "sage:64x32x4x2")
     assert E.attention_report(model)["kernels"]["sage:64x32x4x2"] == dict(block_m=64, block_n=32, num_warps=4,
                                                                          num_stages=2, tma=False, pipe=False,
-                                                                         ws=False, poly=False, maxnreg=0)
+                                                                         ws=False, poly=False, qk8=False, fa3=False,
+                                                                         acc1=False, maxnreg=0)
     for bad in ("sage:64x32x4", "sage:64x48x4x2", "sdpa:64x32x4x2"):
         with pytest.raises(ValidationError):
             E.set_attention_backend(model, bad)
