@@ -358,8 +358,6 @@ def use_kernel(t: torch.Tensor) -> bool:
 
 if triton is not None:
     # Kernels may only read globals that are constexpr.
-    _K_INT8_MAX = tl.constexpr(INT8_MAX)
-    _K_FP8_MAX = tl.constexpr(FP8_MAX)
     _K_LOG2_FP8_MAX = tl.constexpr(LOG2_FP8_MAX)
 
     @triton.jit
@@ -402,14 +400,11 @@ if triton is not None:
                            H, L, LP, scale_mult,
                            D: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                            ROT: tl.constexpr, SMOOTH: tl.constexpr, ROW_SCALES: tl.constexpr,
-                           FP8: tl.constexpr, INTERP: tl.constexpr):
+                           FP8: tl.constexpr, QMAX: tl.constexpr, INTERP: tl.constexpr):
         """[B, L, H, D] float -> (x R - MEAN) as int8 (or e4m3 with FP8) [B, H, LP, D] (zero rows
         past L) and fp32 scales times `scale_mult`, one per group of GROUP tokens, stored per
-        token [B, H, LP] (ROW_SCALES, for Q) or per tile [B, H, LP/BLOCK] (GROUP == BLOCK, for K)."""
-        if FP8:
-            QMAX: tl.constexpr = _K_FP8_MAX
-        else:
-            QMAX: tl.constexpr = _K_INT8_MAX
+        token [B, H, LP] (ROW_SCALES, for Q) or per tile [B, H, LP/BLOCK] (GROUP == BLOCK, for K).
+        QMAX: the format's largest value the scale maps amax to (127 or 448)."""
         pid_l = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -805,12 +800,12 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: 
     rot = rotation_matrix(d, dtype=q.dtype, device=dev)
     sm_scale = LOG2E / math.sqrt(d) / (d if rotate else 1)
 
-    qk_dtype = torch.float8_e4m3fn if qk8 else torch.int8
+    qk_dtype, qmax = (torch.float8_e4m3fn, FP8_MAX) if qk8 else (torch.int8, INT8_MAX)
     q8 = torch.empty(b, h, lqp, d, dtype=qk_dtype, device=dev)
     q_scale = torch.empty(b, h, lqp, dtype=torch.float32, device=dev)
     _quant_int8_kernel[(lqp // block_m, b * h)](
         q, rot, q8, q_scale, q_scale, q.stride(0), q.stride(1), q.stride(2), h, lq, lqp, sm_scale,
-        D=d, BLOCK=block_m, GROUP=q_group, ROT=rotate, SMOOTH=False, ROW_SCALES=True, FP8=qk8, INTERP=interp,
+        D=d, BLOCK=block_m, GROUP=q_group, ROT=rotate, SMOOTH=False, ROW_SCALES=True, FP8=qk8, QMAX=qmax, INTERP=interp,
         num_warps=4)
 
     # Token reductions in torch (bf16 in, fp32 accumulation; no upcast copy on CUDA). The mean of
@@ -822,7 +817,7 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: 
     k_scale = torch.empty(b, h, lkp // block_n, dtype=torch.float32, device=dev)
     _quant_int8_kernel[(lkp // block_n, b * h)](
         k, rot, k8, k_scale, k_mean.contiguous(), k.stride(0), k.stride(1), k.stride(2), h, lk, lkp, 1.0,
-        D=d, BLOCK=block_n, GROUP=block_n, ROT=rotate, SMOOTH=True, ROW_SCALES=False, FP8=qk8, INTERP=interp,
+        D=d, BLOCK=block_n, GROUP=block_n, ROT=rotate, SMOOTH=True, ROW_SCALES=False, FP8=qk8, QMAX=qmax, INTERP=interp,
         num_warps=4)
 
     v_mean = torch.sum(v, dim=1, dtype=torch.float32) / lk
