@@ -861,7 +861,8 @@ def sage_attention_quantized(qq: QuantizedQKV, q_shape, lk: int, dtype: torch.dt
         out.stride(0), out.stride(1), out.stride(2),
         h, lq, lk, qq.q8.shape[2], qq.k8.shape[2],
         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=cfg.tma, PIPE=cfg.pipe, WS=cfg.ws, POLY=cfg.poly,
-        QK8=cfg.qk8, FA3=cfg.fa3, ACC1=cfg.acc1, INTERP=kernels_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        QK8=cfg.qk8, FA3=cfg.fa3, ACC1=cfg.acc1, INTERP=kernels_interpreted(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
 
@@ -873,7 +874,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     use_kernel(q)
     cfg = config or default_config("triton", q.device)
     if cfg.sage_only:
-        raise ValidationError(f"the tma/pipe/ws/poly/qk8/fa3/acc1 options apply to the sage kernel only (got {cfg.spec})")
+        raise ValidationError(f"the tma/pipe/ws/poly/qk8/fa3/acc1 options apply to the sage kernel only "
+                              f"(got {cfg.spec})")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, lq, h, d = q.shape
     out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)

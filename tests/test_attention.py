@@ -197,7 +197,8 @@ def test_sage_qk8_and_acc1_match_simulation(flags, shape):
     cfg = dataclasses.replace(CFG or A.default_config("sage", q.device), **flags)
     got = A.sage_attention(q, k, v, config=cfg).cpu()
     assert got.shape == q.shape and got.dtype == q.dtype
-    sims = {fp8: A.sage_attention_sim(q.cpu(), k.cpu(), v.cpu(), block_n=cfg.block_n, qk_fp8=fp8) for fp8 in (False, True)}
+    sims = {fp8: A.sage_attention_sim(q.cpu(), k.cpu(), v.cpu(), block_n=cfg.block_n, qk_fp8=fp8)
+            for fp8 in (False, True)}
     same, other = stats(got, sims[cfg.qk8])[1], stats(got, sims[not cfg.qk8])[1]
     assert same < 3e-3 and other > 3 * same, (same, other)
     if cfg.qk8 and not cfg.poly:
