@@ -48,15 +48,22 @@ def sweep_candidates(kernel: str, A) -> list:
     CTA per SM. BLOCK_M 64 over 4 warps with TMA: ~185 registers, so 2 independent CTAs per SM
     whose softmax and MMAs fall out of phase (what FA3's ping-pong schedules by hand). TMA (sage
     only) frees ~70 registers at 128x128 (255 -> ~180, offline sm_90 compile). The sage variants
-    (same math): xpipe leaves P·V in flight across the loop edge, xws is Triton's warp
-    specialization, xpoly moves half the exponentials to the FMA pipe, xr<N> caps registers."""
+    (same math): xws is Triton's warp specialization, xpoly moves half the exponentials to the FMA
+    pipe, xacc1 accumulates P·V in one level (the wgmma stays in flight across the loop edge: one
+    wgmma wait per key tile, no ptxas serialization, ~35 fewer registers), xqk8 is e4m3 Q·K
+    (less accurate: ~2.5x the Q·K rounding error of int8), xfa3 issues S_{j+1} before tile j's
+    softmax (ptxas still serializes it, C7514: measured for the record). xpipe (ptxas C7515,
+    spills) and xr168 (spills) left the list after their offline compile."""
     C, P = A.AttnConfig, A.parse_config
     if kernel == "sage":     # int8/fp8 tiles: a 128x128 K + V stage is 32 KB
         base = [C(128, 128, 8, 3), C(128, 128, 8, 3, True), C(64, 128, 4, 2, True), C(64, 128, 4, 3, True),
                 C(64, 64, 4, 3, True)]
-        variants = ["64x128x4x4xtma", "64x128x4x3xtmaxpoly", "128x128x8x3xtmaxpoly", "64x128x4x3xtmaxr168",
-                    "64x128x4x3xtmaxpipe", "128x128x8x3xtmaxpipe", "64x64x4x3xtmaxpipe", "64x128x4x3xtmaxpipexpoly",
-                    "64x128x4x3xtmaxws", "128x128x8x3xtmaxws"]
+        variants = ["64x128x4x4xtma", "64x128x4x3xtmaxpoly", "128x128x8x3xtmaxpoly",
+                    "64x128x4x3xtmaxws", "128x128x8x3xtmaxws",
+                    "64x128x4x3xtmaxacc1", "128x128x8x3xtmaxacc1", "64x128x4x3xtmaxpolyxacc1",
+                    "64x128x4x3xtmaxqk8", "128x128x8x3xtmaxqk8", "64x128x4x3xtmaxqk8xacc1", "128x128x8x3xtmaxqk8xacc1",
+                    "64x128x4x3xtmaxqk8xfa3", "64x128x4x3xtmaxqk8xfa3xacc1", "128x128x8x3xtmaxqk8xfa3xacc1",
+                    "64x64x4x3xtmaxqk8xfa3xacc1"]
         return base + [P(v) for v in variants]
     return [C(128, 64, 8, 2), C(128, 64, 8, 3), C(128, 64, 8, 4), C(128, 128, 8, 2), C(64, 64, 4, 3),
             C(64, 128, 4, 2)]
@@ -81,11 +88,14 @@ def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_
         sig = {"Q8": "*i8", "QS": "*fp32", "K8": "*i8", "KS": "*fp32", "VT8": "*fp8e4nv", "VS": "*fp32",
                "VM": "*fp32", "O": "*bf16", "sob": "i32", "sol": "i32", "soh": "i32", "H": "i32", "Lq": "i32",
                "Lk": "i32", "LQP": "i32", "LKP": "i32"}
+        qk = "fp8e4nv" if cfg.qk8 else "i8"
+        sig.update(Q8=f"*{qk}", K8=f"*{qk}")
         if cfg.tma:
-            sig.update(Q8=f"tensordesc<i8[{cfg.block_m}, {d}]>", K8=f"tensordesc<i8[{cfg.block_n}, {d}]>",
+            sig.update(Q8=f"tensordesc<{qk}[{cfg.block_m}, {d}]>", K8=f"tensordesc<{qk}[{cfg.block_n}, {d}]>",
                        VT8=f"tensordesc<fp8e4nv[{d}, {cfg.block_n}]>")
         consts = {"D": d, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "TMA": cfg.tma, "PIPE": cfg.pipe,
-                  "WS": cfg.ws, "POLY": cfg.poly, "INTERP": False}
+                  "WS": cfg.ws, "POLY": cfg.poly, "INTERP": False, "QK8": cfg.qk8, "FA3": cfg.fa3,
+                  "ACC1": cfg.acc1}
     else:
         fn = A._attn_fwd
         sig = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16"}
@@ -125,7 +135,8 @@ def compile_report(kernel: str, cfg, capability: int = 90, head_dim: int = HEAD_
         rec.update(loop_instructions=len(body), loop_mufu=sum(op(t).startswith("MUFU") for t in body),
                    loop_mma=sum("GMMA" in op(t) for t in body),
                    loop_bar=sum(op(t).startswith("BAR") for t in body),
-                   # wgmma waits per key tile: 2 = both MMAs synchronous; 1 = P·V left in flight (pipe)
+                   # wgmma waits per key tile: 2 = both MMAs synchronous; 1 = one left in flight (acc1);
+                   # more = ptxas serialized the wgmmas (C7514/C7515: each k-step waited)
                    loop_wgmma_wait=sum(op(t).startswith("WARPGROUP.DEPBAR") for t in body))
     return rec
 
@@ -267,7 +278,8 @@ class Bench:
         tol = {"sage": 0.05, "triton": 0.01}
         cands = {k: sweep_candidates(k, A) for k in self.args.sweep_kernels}
         if self.args.smoke:
-            smoke = {"sage": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1, True), A.parse_config("32x32x4x1xpipexpoly")],
+            smoke = {"sage": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1, True), A.parse_config("32x32x4x1xpipexpoly"),
+                              A.parse_config("32x32x4x1xtmaxqk8xfa3xacc1"), A.parse_config("16x32x4x1xacc1")],
                      "triton": [A.INTERPRETER_CONFIG, A.AttnConfig(16, 32, 4, 1)]}
             cands = {k: smoke[k] for k in cands}
         for i, tokens in enumerate(tokens_list):

@@ -25,6 +25,18 @@ The quantized kernel follows SageAttention2 (thu-ml/SageAttention, ENGINES.md §
   * The int32 scores become floats without I2F (which issues at the transcendental rate on
     Hopper, as slow as exp2): |s| <= 127*127*D < 2^22, so float_bits(s + 0x4B400000) is exactly
     1.5*2^23 + s: one integer add, and the offset leaves inside the FFMA's per-row bias.
+  * Variants (AttnConfig flags, picked by the GPU sweep, none default): `acc1` accumulates P·V
+    in one level (the wgmma adds into acc·alpha; it then stays in flight across the loop edge,
+    one wgmma wait per key tile, ~35 fewer registers, no ptxas serialization offline), at the
+    fp8 tensor core's accumulation precision over the whole key loop. sage_attention_sim's
+    pv_acc_bits models that pessimistically (13 mantissa bits, truncated, per 32-key k-step):
+    at 75,600 keys (wan_like_qkv, 512 queries) rel L2 0.41% -> 0.61%, where two-level stays at
+    0.41%; the GPU sweep's rel_l2 (xacc1 vs without) measures the real thing. `qk8` is e4m3 Q
+    and K (same scales, rotation and smoothing; fp32-accumulated Q·K, no int->float trick):
+    ~2.5x the int8 error on DiT-like inputs (rel L2 2.4% vs 1.0% at 1k tokens, q_gain 0.5;
+    5.8% vs 2.2% at a near one-hot softmax; 0.97% vs 0.41% at 75,600 keys), bought for the
+    FA3 order (`fa3`), which Triton only leaves asynchronous for fp32 accumulators and which
+    ptxas still serializes (see `_sage_tiles_fa3`). `pipe`, `ws`, `poly`: see AttnConfig.
   * Tiles come in through pointers (cp.async) or, with `tma=True`, through TMA descriptors over
     the quantized buffers: same math, ~70 fewer registers per thread at 128x128 (sm_90 compile).
 
@@ -82,7 +94,11 @@ class AttnConfig:
     The sage kernel's variants (same math, other schedules; none is the default until a GPU
     sweep picks it): `pipe` issues the next tile's Q·K before this tile's softmax (hand-written
     software pipelining), `ws` asks Triton to warp-specialize the key loop, `poly` computes half
-    of the exponentials with a polynomial on the FMA pipe. `maxnreg` > 0 caps registers/thread."""
+    of the exponentials with a polynomial on the FMA pipe. `maxnreg` > 0 caps registers/thread.
+    `qk8` quantizes Q and K to FP8 e4m3 instead of INT8 (fp32-accumulated Q·K wgmma); on top of
+    it `fa3` issues S_{j+1} = Q·K_{j+1} before tile j's softmax (FlashAttention-3's order, which
+    Triton only keeps asynchronous for fp32 accumulators) and `acc1` accumulates P·V straight
+    into the rescaled fp32 accumulator (one level, no zero-filled fresh product per tile)."""
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
@@ -91,6 +107,9 @@ class AttnConfig:
     pipe: bool = False
     ws: bool = False
     poly: bool = False
+    qk8: bool = False
+    fa3: bool = False
+    acc1: bool = False
     maxnreg: int = 0
 
     def __post_init__(self):
@@ -102,6 +121,11 @@ class AttnConfig:
             raise ValidationError(f"AttnConfig num_warps={self.num_warps} / num_stages={self.num_stages} invalid")
         if self.pipe and self.ws:
             raise ValidationError("AttnConfig: pipe (hand-pipelined loop) and ws (Triton's) exclude each other")
+        if self.fa3 and not self.qk8:
+            raise ValidationError("AttnConfig: fa3 (S_{j+1} issued before tile j's softmax) needs qk8: Triton "
+                                  "waits right after every int32-accumulated wgmma")
+        if (self.qk8 or self.acc1) and (self.pipe or self.ws):
+            raise ValidationError("AttnConfig: qk8 / acc1 have their own loops; they exclude pipe and ws")
         if self.maxnreg and not 24 <= self.maxnreg <= 255:
             raise ValidationError(f"AttnConfig.maxnreg={self.maxnreg} must be 0 (none) or in [24, 255]")
 
@@ -110,7 +134,7 @@ class AttnConfig:
 
     @property
     def sage_only(self) -> bool:
-        return self.tma or self.pipe or self.ws or self.poly
+        return self.tma or self.pipe or self.ws or self.poly or self.qk8 or self.fa3 or self.acc1
 
     @property
     def spec(self) -> str:
@@ -118,7 +142,7 @@ class AttnConfig:
         return "x".join([f"{self.block_m}x{self.block_n}x{self.num_warps}x{self.num_stages}", *flags])
 
 
-_FLAGS = ("tma", "pipe", "ws", "poly")      # spec suffixes, in this order; 'r<N>' is maxnreg
+_FLAGS = ("tma", "pipe", "ws", "poly", "qk8", "fa3", "acc1")      # spec suffixes, in this order; 'r<N>' is maxnreg
 
 
 # Per (kernel, compute capability major). Not yet measured on a GPU: chosen from an offline sm_90
@@ -140,7 +164,8 @@ INTERPRETER_CONFIG = AttnConfig(block_m=32, block_n=32, num_warps=4, num_stages=
 
 def parse_config(spec: str) -> AttnConfig:
     """'128x64x8x3' (BLOCK_M x BLOCK_N x num_warps x num_stages), then optional flags 'xtma',
-    'xpipe', 'xws', 'xpoly', 'xr<maxnreg>' -> AttnConfig; e.g. '64x128x4x3xtmaxpipe'."""
+    'xpipe', 'xws', 'xpoly', 'xqk8', 'xfa3', 'xacc1', 'xr<maxnreg>' -> AttnConfig; e.g.
+    '64x128x4x3xtmaxpipe' or '64x128x4x3xtmaxqk8xfa3xacc1'."""
     parts = spec.split("x")
     flags, maxnreg = {}, 0
     for p in parts[4:]:
@@ -152,7 +177,7 @@ def parse_config(spec: str) -> AttnConfig:
             parts = []                                                       # -> the error below
     if len(parts) < 4 or not all(p.isdigit() for p in parts[:4]):
         raise ValidationError(f"kernel config {spec!r} must read BLOCK_MxBLOCK_NxWARPSxSTAGES[xtma][xpipe|xws]"
-                              "[xpoly][xr<maxnreg>], e.g. 128x64x8x3 or 64x128x4x3xtmaxpipe")
+                              "[xpoly][xqk8[xfa3]][xacc1][xr<maxnreg>], e.g. 128x64x8x3 or 64x128x4x3xtmaxpipe")
     return AttnConfig(*(int(p) for p in parts[:4]), **flags, maxnreg=maxnreg)
 
 
@@ -179,6 +204,20 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5))
 
 
+def _quant_sim(x: torch.Tensor, fp8: bool) -> torch.Tensor:
+    """x already scaled to the format's range -> int8 (half away from zero) or e4m3 (nearest
+    even, as cvt.rn.satfinite) values, as fp32."""
+    if fp8:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return _round_half_away(x)
+
+
+def _truncate_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 -> fp32 keeping `bits` mantissa bits, truncated toward zero."""
+    drop = 23 - bits
+    return (x.view(torch.int32) & -(1 << drop)).view(torch.float32)
+
+
 def rotation_matrix(d: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """diag(signs) @ Hadamard(d), entries +-1 (exact in every float format): R Rᵀ = d·I, so
     (qR)(kR)ᵀ = d·qkᵀ. Rotating q and k spreads a few huge channels over all d channels (the
@@ -198,10 +237,19 @@ def rotation_matrix(d: int, *, dtype: torch.dtype = torch.float32, device=None) 
 
 def sage_attention_sim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_n: int = 128,
                        q_group: int = 1, rotate: bool = True, smooth_k: bool = True,
-                       smooth_v: bool = True) -> torch.Tensor:
+                       smooth_v: bool = True, qk_fp8: bool = False, pv_acc_bits: int = 0,
+                       pv_one_level: bool = False) -> torch.Tensor:
     """The quantized kernel's math in torch (fp32 with exact int8 / fp8 rounding), key tile by key
     tile with the same online softmax, so its P quantization sees the same running maxima.
-    [B, L, H, D] in -> [B, Lq, H, D] in q's dtype."""
+    [B, L, H, D] in -> [B, Lq, H, D] in q's dtype.
+
+    qk_fp8: Q (per token) and K (per tile) rounded to e4m3 (scaled to 448) instead of int8: the
+    `qk8` kernel variant. pv_acc_bits > 0 models the fp8 tensor core's reduced-precision
+    accumulator (fp32 in name; reportedly ~13 mantissa bits, truncated, on Hopper): the running
+    sum is truncated to that many mantissa bits after every 32-key wgmma k-step. Two-level
+    (default) truncates only within one tile's fresh product; pv_one_level (the `acc1` variant)
+    chains the whole key loop through that accumulator. With pv_acc_bits=0 the two orders are
+    the same fp32 math (the kernel test's reference for both)."""
     _check_qkv(q, k, v)
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -216,8 +264,9 @@ def sage_attention_sim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     qa = F.pad(qf.abs(), (0, 0, 0, lq_pad - lq)).reshape(b, h, lq_pad // q_group, q_group * d)
     q_amax = qa.amax(-1).repeat_interleave(q_group, -1)[..., :lq, None]       # [B, H, Lq, 1]
     q_amax = q_amax.clamp_min(1e-30)
-    q8 = _round_half_away(qf * (1.0 / q_amax * INT8_MAX))
-    q_scale = q_amax / INT8_MAX * sm_scale
+    qmax = FP8_MAX if qk_fp8 else INT8_MAX
+    q8 = _quant_sim(qf * (1.0 / q_amax * qmax), qk_fp8)
+    q_scale = q_amax / qmax * sm_scale
 
     # K: smoothed, one scale per tile of block_n keys; padded keys are zero.
     if smooth_k:
@@ -225,8 +274,8 @@ def sage_attention_sim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     n_tiles = -(-lk // block_n)
     kp = F.pad(kf, (0, 0, 0, n_tiles * block_n - lk)).reshape(b, h, n_tiles, block_n, d)
     k_amax = kp.abs().amax((-1, -2), keepdim=True).clamp_min(1e-30)          # [B, H, T, 1, 1]
-    k8 = _round_half_away(kp * (1.0 / k_amax * INT8_MAX))
-    k_scale = (k_amax / INT8_MAX).reshape(b, h, n_tiles)
+    k8 = _quant_sim(kp * (1.0 / k_amax * qmax), qk_fp8)
+    k_scale = (k_amax / qmax).reshape(b, h, n_tiles)
 
     # V: smoothed, per channel over all tokens, to e4m3.
     v_mean = vf.mean(2, keepdim=True) if smooth_v else torch.zeros_like(vf[:, :, :1])
@@ -240,18 +289,25 @@ def sage_attention_sim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, blo
     l = torch.zeros(b, h, lq)
     acc = torch.zeros(b, h, lq, d)
     for j in range(n_tiles):
-        s = q8 @ k8[:, :, j].transpose(-1, -2)           # exact: integers below 2^24
+        s = q8 @ k8[:, :, j].transpose(-1, -2)           # int8: exact (integers below 2^24)
         invalid = torch.arange(j * block_n, (j + 1) * block_n) >= lk
         tail = bool(invalid.any())                        # only the last tile is masked
         f = q_scale[..., 0] * k_scale[:, :, j, None]     # [B, H, Lq]
-        s_max = (s.masked_fill(invalid, -2.0**22) if tail else s).amax(-1)
+        s_max = (s.masked_fill(invalid, -math.inf) if tail else s).amax(-1)
         m_new = torch.maximum(m, s_max * f)
         t = torch.addcmul((LOG2_FP8_MAX - m_new)[..., None], s, f[..., None])
         p = torch.exp2(t.masked_fill(invalid, -math.inf) if tail else t)   # 448 * exp2(s*f - m_new)
         alpha = torch.exp2(m - m_new)
         l = l * alpha + p.sum(-1)
         p8 = p.clamp_(max=FP8_MAX).to(torch.float8_e4m3fn).float()
-        acc = acc * alpha[..., None] + p8 @ v8[:, :, j * block_n:(j + 1) * block_n]
+        v8j = v8[:, :, j * block_n:(j + 1) * block_n]
+        if not pv_acc_bits:
+            acc = acc * alpha[..., None] + p8 @ v8j
+        else:
+            run = acc * alpha[..., None] if pv_one_level else torch.zeros_like(acc)
+            for c in range(0, block_n, 32):
+                run = _truncate_mantissa(run + p8[..., c:c + 32] @ v8j[..., c:c + 32, :], pv_acc_bits)
+            acc = run if pv_one_level else acc * alpha[..., None] + run
         m = m_new
     out = acc / l[..., None] * v_scale + v_mean
     return out.transpose(1, 2).to(q.dtype)
@@ -302,7 +358,6 @@ def use_kernel(t: torch.Tensor) -> bool:
 
 if triton is not None:
     # Kernels may only read globals that are constexpr.
-    _K_INT8_MAX = tl.constexpr(INT8_MAX)
     _K_LOG2_FP8_MAX = tl.constexpr(LOG2_FP8_MAX)
 
     @triton.jit
@@ -345,10 +400,11 @@ if triton is not None:
                            H, L, LP, scale_mult,
                            D: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr,
                            ROT: tl.constexpr, SMOOTH: tl.constexpr, ROW_SCALES: tl.constexpr,
-                           INTERP: tl.constexpr):
-        """[B, L, H, D] float -> (x R - MEAN) as int8 [B, H, LP, D] (zero rows past L) and fp32
-        scales times `scale_mult`, one per group of GROUP tokens, stored per token [B, H, LP]
-        (ROW_SCALES, for Q) or per tile [B, H, LP/BLOCK] (GROUP == BLOCK, for K)."""
+                           FP8: tl.constexpr, QMAX: tl.constexpr, INTERP: tl.constexpr):
+        """[B, L, H, D] float -> (x R - MEAN) as int8 (or e4m3 with FP8) [B, H, LP, D] (zero rows
+        past L) and fp32 scales times `scale_mult`, one per group of GROUP tokens, stored per
+        token [B, H, LP] (ROW_SCALES, for Q) or per tile [B, H, LP/BLOCK] (GROUP == BLOCK, for K).
+        QMAX: the format's largest value the scale maps amax to (127 or 448)."""
         pid_l = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -370,7 +426,7 @@ if triton is not None:
         a = tl.abs(x)
         if GROUP == BLOCK:
             amax = tl.maximum(tl.max(tl.max(a, 1), 0), 1e-30)
-            xq = x * (1.0 / amax * _K_INT8_MAX)
+            xq = x * (1.0 / amax * QMAX)
         else:
             if GROUP == 1:
                 amax = tl.max(a, 1)                                   # [BLOCK]
@@ -378,14 +434,17 @@ if triton is not None:
                 g = tl.max(tl.reshape(a, (BLOCK // GROUP, GROUP * D)), 1)
                 amax = tl.reshape(tl.broadcast_to(g[:, None], (BLOCK // GROUP, GROUP)), (BLOCK,))
             amax = tl.maximum(amax, 1e-30)
-            xq = x * (1.0 / amax * _K_INT8_MAX)[:, None]
-        xq = tl.where(xq >= 0, xq + 0.5, xq - 0.5).to(tl.int8)       # round half away from zero
+            xq = x * (1.0 / amax * QMAX)[:, None]
+        if FP8:
+            xq = _to_fp8(xq, INTERP)
+        else:
+            xq = tl.where(xq >= 0, xq + 0.5, xq - 0.5).to(tl.int8)   # round half away from zero
         base = pid_bh.to(tl.int64) * LP
         tl.store(XQ + (base + rows[:, None]) * D + cols[None, :], xq)
         if ROW_SCALES:
-            tl.store(XS + base + rows, tl.zeros([BLOCK], tl.float32) + amax / _K_INT8_MAX * scale_mult)
+            tl.store(XS + base + rows, tl.zeros([BLOCK], tl.float32) + amax / QMAX * scale_mult)
         else:
-            tl.store(XS + pid_bh * (LP // BLOCK) + pid_l, amax / _K_INT8_MAX * scale_mult)
+            tl.store(XS + pid_bh * (LP // BLOCK) + pid_l, amax / QMAX * scale_mult)
 
     @triton.jit
     def _quant_fp8_t_kernel(X, XQ, XS, MEAN, sxb, sxl, sxh, H, L, LP,
@@ -409,7 +468,8 @@ if triton is not None:
 
     @triton.jit
     def _sage_qk(q, K8, k_row0, start_n, offs_n, offs_d, D: tl.constexpr, TMA: tl.constexpr):
-        """int32 scores of the query tile against key tile [start_n, start_n + BLOCK_N)."""
+        """Scores of the query tile against key tile [start_n, start_n + BLOCK_N): int32 from int8
+        operands, fp32 from e4m3 ones (qk8)."""
         if TMA:
             k = K8.load([k_row0 + start_n, 0])                                       # [BN, D] int8
         else:
@@ -441,18 +501,24 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _sage_softmax(m_i, s, f, valid, MASK: tl.constexpr, POLY: tl.constexpr):
-        """One key tile's online-softmax step: s int32 scores, f [BM] the combined Q·K scale
-        (log2 e / sqrt(D) folded in), valid [BN] key mask (MASK). -> (p, m_new, alpha)."""
-        if MASK:
-            s = tl.where(valid[None, :], s, -(1 << 22))
-        m_new = tl.maximum(m_i, tl.max(s, 1).to(tl.float32) * f)
-        # sb = 1.5*2^23 + s exactly (no I2F); the offset is taken out inside the FFMA's bias.
-        # Rounding that bias costs ~1 unit of s, against the hundreds int8 rounding costs.
-        sb = (s + 0x4B400000).to(tl.float32, bitcast=True)
-        bias = (-m_new + _K_LOG2_FP8_MAX) - f * 12582912.0         # constexpr on the right: see _K_*
-        t = tl.fma(sb, f[:, None], bias[:, None])
-        if MASK:
+    def _sage_softmax(m_i, s, f, valid, MASK: tl.constexpr, POLY: tl.constexpr, QK8: tl.constexpr = False):
+        """One key tile's online-softmax step: s int32 scores (fp32 with QK8), f [BM] the combined
+        Q·K scale (log2 e / sqrt(D) folded in), valid [BN] key mask (MASK). -> (p, m_new, alpha)."""
+        if QK8:
+            if MASK:
+                s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * f)
+            t = tl.fma(s, f[:, None], (-m_new + _K_LOG2_FP8_MAX)[:, None])   # masked: -inf
+        else:
+            if MASK:
+                s = tl.where(valid[None, :], s, -(1 << 22))
+            m_new = tl.maximum(m_i, tl.max(s, 1).to(tl.float32) * f)
+            # sb = 1.5*2^23 + s exactly (no I2F); the offset is taken out inside the FFMA's bias.
+            # Rounding that bias costs ~1 unit of s, against the hundreds int8 rounding costs.
+            sb = (s + 0x4B400000).to(tl.float32, bitcast=True)
+            bias = (-m_new + _K_LOG2_FP8_MAX) - f * 12582912.0     # constexpr on the right: see _K_*
+            t = tl.fma(sb, f[:, None], bias[:, None])
+        if MASK and not QK8:
             t = tl.where(valid[None, :], t, float("-inf"))
         if POLY:
             # Odd key columns on the FMA pipe, even ones on MUFU: the two units share the tile's
@@ -466,25 +532,76 @@ if triton is not None:
 
     @triton.jit
     def _sage_softmax_pv(acc, l_i, m_i, s, f, vt, valid, MASK: tl.constexpr, POLY: tl.constexpr,
-                         INTERP: tl.constexpr):
+                         INTERP: tl.constexpr, QK8: tl.constexpr = False, ACC1: tl.constexpr = False):
         """Softmax step and P·V of one key tile (vt: the [D, BN] e4m3 V tile)."""
-        p, m_new, alpha = _sage_softmax(m_i, s, f, valid, MASK, POLY)
+        p, m_new, alpha = _sage_softmax(m_i, s, f, valid, MASK, POLY, QK8)
         l_i = l_i * alpha + tl.sum(p, 1)
+        return _sage_pv(acc, alpha, _to_fp8(p, INTERP), vt, ACC1), l_i, m_new
+
+    @triton.jit
+    def _sage_pv(acc, alpha, p8, vt, ACC1: tl.constexpr):
+        """acc * alpha + P·V for one key tile (p8 e4m3 [BM, BN], vt e4m3 [D, BN])."""
+        if ACC1:
+            # One level: the wgmma adds straight into the rescaled accumulator (no zero-filled
+            # registers, the suspected cause of ptxas C7515), at the fp8 MMA's accumulation precision.
+            return tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
         # A fresh fp32 product per tile, added in fp32: the two-level accumulation.
-        acc = tl.fma(acc, alpha[:, None], tl.dot(_to_fp8(p, INTERP), tl.trans(vt)))
-        return acc, l_i, m_new
+        return tl.fma(acc, alpha[:, None], tl.dot(p8, tl.trans(vt)))
 
     @triton.jit
     def _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, j_lo, j_hi, Lk, LKP,
                     offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASK: tl.constexpr, TMA: tl.constexpr, POLY: tl.constexpr, WS: tl.constexpr,
-                    INTERP: tl.constexpr):
+                    INTERP: tl.constexpr, QK8: tl.constexpr = False, ACC1: tl.constexpr = False):
         for j in tl.range(j_lo, j_hi, warp_specialize=WS):
             start_n = j * BLOCK_N
             s = _sage_qk(q, K8, k_row0, start_n, offs_n, offs_d, D, TMA)
             vt = _sage_load_vt(VT8, v_row0, start_n, LKP, offs_n, offs_d, TMA)
             acc, l_i, m_i = _sage_softmax_pv(acc, l_i, m_i, s, qs * tl.load(KS + j), vt,
-                                             (start_n + offs_n) < Lk, MASK, POLY, INTERP)
+                                             (start_n + offs_n) < Lk, MASK, POLY, INTERP, QK8, ACC1)
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _sage_tiles_fa3(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, Lk, LKP,
+                        offs_n, offs_d, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        TMA: tl.constexpr, POLY: tl.constexpr, ACC1: tl.constexpr, INTERP: tl.constexpr):
+        """All key tiles with e4m3 Q·K (qk8) in FlashAttention-3's order: tile j's softmax runs
+        while the tensor cores compute S_{j+1} = Q·K_{j+1}. Iteration j: (1) P_{j-1}·V_{j-1}, a
+        synchronous wgmma (its wait also retires S_j); (2) issue S_{j+1}, carried to the next
+        iteration; (3) tile j's softmax. Triton (WGMMAPipeline.cpp, dotCanBeProperlyAsync) leaves
+        a wgmma in flight only if its accumulator is fp32 (hence qk8: int32 Q·K is always waited
+        for at once) and its carried result is read only after the loop's first `wait 0`, which
+        is why the P·V of the previous tile comes first. The first iteration's P·V multiplies a
+        zero P (one wasted MMA per query tile). The last tile is peeled (masked: a no-op when Lk
+        is a multiple of BLOCK_N). Same math as `_sage_tiles`, tile for tile.
+
+        Offline sm_90 compile (triton 3.9): the PTX is as intended (S_{j+1} committed, its wait
+        only at the next iteration's P·V), but ptxas (12.9/13) reports C7514 ("wgmma.mma_async
+        instructions are serialized due to non wgmma instructions reading accumulator registers
+        of a wgmma between start and end of the pipeline stage") and waits after every k-step:
+        S_j and S_{j+1} are live together, so the loop-carried `s = s_next` becomes 32-64 movs
+        of the in-flight registers at the back edge. Avoiding that copy needs the loop unrolled
+        by two with the S registers alternating, and Triton makes a wgmma consumed in the same
+        iteration synchronous: not expressible in Triton 3.6-3.9 (Gluon or CUDA could). At
+        64x128 and 128x128 it also spills (255 registers). Kept for measurement."""
+        n_tiles = tl.cdiv(Lk, BLOCK_N)
+        s = _sage_qk(q, K8, k_row0, 0, offs_n, offs_d, D, TMA)
+        p8 = tl.zeros_like(s).to(tl.float8e4nv)
+        alpha = tl.full(l_i.shape, 1.0, tl.float32)
+        for j in range(0, n_tiles - 1):
+            acc = _sage_pv(acc, alpha, p8, _sage_load_vt(VT8, v_row0, tl.maximum(j - 1, 0) * BLOCK_N, LKP,
+                                                         offs_n, offs_d, TMA), ACC1)
+            s_next = _sage_qk(q, K8, k_row0, (j + 1) * BLOCK_N, offs_n, offs_d, D, TMA)
+            p, m_i, alpha = _sage_softmax(m_i, s, qs * tl.load(KS + j), offs_n < BLOCK_N, False, POLY, True)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p8 = _to_fp8(p, INTERP)
+            s = s_next
+        start_n = (n_tiles - 1) * BLOCK_N
+        acc = _sage_pv(acc, alpha, p8, _sage_load_vt(VT8, v_row0, tl.maximum(start_n - BLOCK_N, 0), LKP,
+                                                     offs_n, offs_d, TMA), ACC1)
+        vt = _sage_load_vt(VT8, v_row0, start_n, LKP, offs_n, offs_d, TMA)
+        acc, l_i, m_i = _sage_softmax_pv(acc, l_i, m_i, s, qs * tl.load(KS + n_tiles - 1), vt,
+                                         (start_n + offs_n) < Lk, True, POLY, INTERP, True, ACC1)
         return acc, l_i, m_i
 
     @triton.jit
@@ -534,7 +651,8 @@ if triton is not None:
                   H, Lq, Lk, LQP, LKP,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   TMA: tl.constexpr, PIPE: tl.constexpr, WS: tl.constexpr, POLY: tl.constexpr,
-                  INTERP: tl.constexpr):
+                  INTERP: tl.constexpr, QK8: tl.constexpr = False, FA3: tl.constexpr = False,
+                  ACC1: tl.constexpr = False):
         """Q8, K8, VT8 are pointers, or with TMA tensor descriptors over their 2-D views
         [B*H*LQP, D], [B*H*LKP, D], [B*H*D, LKP] (block [BLOCK_M, D], [BLOCK_N, D], [D, BLOCK_N]):
         the copy engine then moves the tiles, which saves the address registers and instructions."""
@@ -563,14 +681,17 @@ if triton is not None:
         if PIPE:
             acc, l_i, m_i = _sage_tiles_pipe(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, Lk, LKP,
                                              offs_n, offs_d, D, BLOCK_N, TMA, POLY, INTERP)
+        elif FA3:
+            acc, l_i, m_i = _sage_tiles_fa3(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, Lk, LKP,
+                                            offs_n, offs_d, D, BLOCK_N, TMA, POLY, ACC1, INTERP)
         else:
             n_full = Lk // BLOCK_N
             acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, 0, n_full, Lk, LKP,
-                                        offs_n, offs_d, D, BLOCK_N, False, TMA, POLY, WS, INTERP)
+                                        offs_n, offs_d, D, BLOCK_N, False, TMA, POLY, WS, INTERP, QK8, ACC1)
             if n_full * BLOCK_N < Lk:
                 acc, l_i, m_i = _sage_tiles(acc, l_i, m_i, q, qs, K8, KS, VT8, k_row0, v_row0, n_full,
                                             n_full + 1, Lk, LKP, offs_n, offs_d, D, BLOCK_N, True, TMA, POLY,
-                                            False, INTERP)
+                                            False, INTERP, QK8, ACC1)
         vs = tl.load(VS + pid_bh * D + offs_d)
         vm = tl.load(VM + pid_bh * D + offs_d)
         out = acc * (1.0 / l_i)[:, None] * vs[None, :] + vm[None, :]
@@ -644,9 +765,9 @@ if triton is not None:
 @dataclass
 class QuantizedQKV:
     """What `quantize_qkv` produces; shapes for B batches, H heads, padded lengths LQP / LKP."""
-    q8: torch.Tensor          # int8 [B, H, LQP, D]: (q R) per token, R = rotation_matrix(D)
+    q8: torch.Tensor          # int8 (e4m3 with qk8) [B, H, LQP, D]: (q R) per token, R = rotation_matrix(D)
     q_scale: torch.Tensor     # fp32 [B, H, LQP]: log2(e)/sqrt(D)/D folded in
-    k8: torch.Tensor          # int8 [B, H, LKP, D]: k R minus its per-head mean
+    k8: torch.Tensor          # int8 (e4m3 with qk8) [B, H, LKP, D]: k R minus its per-head mean
     k_scale: torch.Tensor     # fp32 [B, H, LKP / block_n]
     vt8: torch.Tensor         # e4m3 [B, H, D, LKP]: (v - v_mean) / v_scale, transposed
     v_scale: torch.Tensor     # fp32 [B, H, D]
@@ -663,9 +784,9 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int, block_n: int,
-                 q_group: int = 1, rotate: bool = True) -> QuantizedQKV:
-    """Q per token (or per q_group tokens), K smoothed per block_n keys (both rotated), V smoothed
-    per channel to e4m3. Mirrors `sage_attention_sim`."""
+                 q_group: int = 1, rotate: bool = True, qk8: bool = False) -> QuantizedQKV:
+    """Q per token (or per q_group tokens), K smoothed per block_n keys (both rotated; int8, or
+    e4m3 with qk8), V smoothed per channel to e4m3. Mirrors `sage_attention_sim`."""
     _check_qkv(q, k, v, min_d=32)
     if q_group < 1 or q_group & (q_group - 1) or q_group > block_m:
         raise ValidationError(f"q_group={q_group} must be a power of two <= block_m={block_m}")
@@ -679,11 +800,12 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: 
     rot = rotation_matrix(d, dtype=q.dtype, device=dev)
     sm_scale = LOG2E / math.sqrt(d) / (d if rotate else 1)
 
-    q8 = torch.empty(b, h, lqp, d, dtype=torch.int8, device=dev)
+    qk_dtype, qmax = (torch.float8_e4m3fn, FP8_MAX) if qk8 else (torch.int8, INT8_MAX)
+    q8 = torch.empty(b, h, lqp, d, dtype=qk_dtype, device=dev)
     q_scale = torch.empty(b, h, lqp, dtype=torch.float32, device=dev)
     _quant_int8_kernel[(lqp // block_m, b * h)](
         q, rot, q8, q_scale, q_scale, q.stride(0), q.stride(1), q.stride(2), h, lq, lqp, sm_scale,
-        D=d, BLOCK=block_m, GROUP=q_group, ROT=rotate, SMOOTH=False, ROW_SCALES=True, INTERP=interp,
+        D=d, BLOCK=block_m, GROUP=q_group, ROT=rotate, SMOOTH=False, ROW_SCALES=True, FP8=qk8, QMAX=qmax, INTERP=interp,
         num_warps=4)
 
     # Token reductions in torch (bf16 in, fp32 accumulation; no upcast copy on CUDA). The mean of
@@ -691,11 +813,11 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: 
     k_mean = torch.sum(k, dim=1, dtype=torch.float32) / lk                          # [B, H, D]
     if rotate:
         k_mean = k_mean @ rot.float()
-    k8 = torch.empty(b, h, lkp, d, dtype=torch.int8, device=dev)
+    k8 = torch.empty(b, h, lkp, d, dtype=qk_dtype, device=dev)
     k_scale = torch.empty(b, h, lkp // block_n, dtype=torch.float32, device=dev)
     _quant_int8_kernel[(lkp // block_n, b * h)](
         k, rot, k8, k_scale, k_mean.contiguous(), k.stride(0), k.stride(1), k.stride(2), h, lk, lkp, 1.0,
-        D=d, BLOCK=block_n, GROUP=block_n, ROT=rotate, SMOOTH=True, ROW_SCALES=False, INTERP=interp,
+        D=d, BLOCK=block_n, GROUP=block_n, ROT=rotate, SMOOTH=True, ROW_SCALES=False, FP8=qk8, QMAX=qmax, INTERP=interp,
         num_warps=4)
 
     v_mean = torch.sum(v, dim=1, dtype=torch.float32) / lk
@@ -711,11 +833,13 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: AttnConfig | None = None,
                    q_group: int = 1, rotate: bool = True) -> torch.Tensor:
-    """INT8 Q·Kᵀ / FP8 P·V flash attention on [B, L, H, D] -> [B, Lq, H, D] in q's dtype."""
+    """INT8 (FP8 with config.qk8) Q·Kᵀ / FP8 P·V flash attention on [B, L, H, D] -> [B, Lq, H, D]
+    in q's dtype."""
     _check_qkv(q, k, v, min_d=32)
     use_kernel(q)
     cfg = config or default_config("sage", q.device)
-    qq = quantize_qkv(q, k, v, block_m=cfg.block_m, block_n=cfg.block_n, q_group=q_group, rotate=rotate)
+    qq = quantize_qkv(q, k, v, block_m=cfg.block_m, block_n=cfg.block_n, q_group=q_group, rotate=rotate,
+                      qk8=cfg.qk8)
     return sage_attention_quantized(qq, q.shape, k.shape[1], q.dtype, cfg)
 
 
@@ -723,7 +847,7 @@ def sage_attention_quantized(qq: QuantizedQKV, q_shape, lk: int, dtype: torch.dt
                              cfg: AttnConfig) -> torch.Tensor:
     """The attention kernel alone on already quantized operands (benchmarks time it separately)."""
     b, lq, h, d = q_shape
-    if qq.block_n != cfg.block_n or qq.q8.shape[2] % cfg.block_m:
+    if qq.block_n != cfg.block_n or qq.q8.shape[2] % cfg.block_m or (qq.q8.dtype != torch.int8) != cfg.qk8:
         raise ValidationError(f"operands quantized for block_n={qq.block_n} do not fit config {cfg}")
     out = torch.empty(b, lq, h, d, dtype=dtype, device=qq.q8.device)
     q8, k8, vt8 = qq.q8, qq.k8, qq.vt8
@@ -737,7 +861,8 @@ def sage_attention_quantized(qq: QuantizedQKV, q_shape, lk: int, dtype: torch.dt
         out.stride(0), out.stride(1), out.stride(2),
         h, lq, lk, qq.q8.shape[2], qq.k8.shape[2],
         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=cfg.tma, PIPE=cfg.pipe, WS=cfg.ws, POLY=cfg.poly,
-        INTERP=kernels_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        QK8=cfg.qk8, FA3=cfg.fa3, ACC1=cfg.acc1, INTERP=kernels_interpreted(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}))
     return out
 
@@ -749,7 +874,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     use_kernel(q)
     cfg = config or default_config("triton", q.device)
     if cfg.sage_only:
-        raise ValidationError(f"the tma/pipe/ws/poly options apply to the sage kernel only (got {cfg.spec})")
+        raise ValidationError(f"the tma/pipe/ws/poly/qk8/fa3/acc1 options apply to the sage kernel only "
+                              f"(got {cfg.spec})")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, lq, h, d = q.shape
     out = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
