@@ -121,37 +121,40 @@ def fuse_qkv(model: nn.Module, *, strict: bool = True) -> list[str]:
     offload, CUDA-graph capture and compile_blocks. The old weights are freed block by block (peak:
     one block's q/k/v twice). unfuse_qkv is the inverse.
 
-    strict: raise ValidationError on the first block that cannot be fused; otherwise skip it.
+    strict: raise ValidationError (before changing anything) when a block cannot be fused; otherwise
+    fuse the others and leave that one's three linears.
     Returns the names of the fused modules."""
+    todo = [(name, attn) for name, attn in model.named_modules()
+            if isinstance(attn, SelfAttention) and attn.qkv is None]
+    reasons = {name: qkv_unfusable(attn) for name, attn in todo}
+    if strict and any(reasons.values()):
+        name, why = next((n, r) for n, r in reasons.items() if r)
+        raise ValidationError(f"fuse_qkv: {name}: {why} (nothing was fused)")
     fused = []
     with torch.no_grad():
-        for name, attn in model.named_modules():
-            if not isinstance(attn, SelfAttention) or attn.qkv is not None:
-                continue
-            why = qkv_unfusable(attn)
-            if why is not None:
-                if strict:
-                    raise ValidationError(f"fuse_qkv: {name}: {why}")
-                continue
-            attn.qkv = _concat_linears(attn.q, attn.k, attn.v)
-            del attn.q, attn.k, attn.v
-            fused.append(name)
+        for name, attn in todo:
+            if reasons[name] is None:
+                attn.qkv = _concat_linears(attn.q, attn.k, attn.v)
+                del attn.q, attn.k, attn.v           # frees them: one block's q/k/v twice at most
+                fused.append(name)
     _release_cached(model)
     return fused
 
 
 def unfuse_qkv(model: nn.Module) -> list[str]:
     """The inverse of fuse_qkv: split each `qkv` back into q, k, v (bit-identical to the originals)."""
+    todo = [(name, attn) for name, attn in model.named_modules()
+            if isinstance(attn, SelfAttention) and attn.qkv is not None]
+    for name, attn in todo:
+        if any(_shares_storage(t) for t in attn.qkv.parameters()) or any(map(_shares_storage, attn.qkv.buffers())):
+            raise ValidationError(f"unfuse_qkv: {name}: weights are views of a shared buffer "
+                                  "(block swap / offload): remove it first (nothing was unfused)")
     done = []
     with torch.no_grad():
-        for name, attn in model.named_modules():
-            if isinstance(attn, SelfAttention) and attn.qkv is not None:
-                if _shares_storage(attn.qkv.weight):
-                    raise ValidationError(f"unfuse_qkv: {name}: weights are views of a shared buffer "
-                                          "(block swap / offload): remove it first")
-                attn.q, attn.k, attn.v = _split_linear(attn.qkv, 3)
-                attn.qkv = None
-                done.append(name)
+        for name, attn in todo:
+            attn.q, attn.k, attn.v = _split_linear(attn.qkv, 3)
+            attn.qkv = None
+            done.append(name)
     _release_cached(model)
     return done
 
