@@ -43,7 +43,7 @@ def use_kernels(model: nn.Module, on: bool = True, *, fuse_projections: bool | N
     if fuse:
         fuse_qkv(model, strict=False)
     elif fuse_projections is None:
-        unfuse_qkv(model)
+        unfuse_qkv(model, strict=False)
     return available
 
 
@@ -57,7 +57,9 @@ def _linear_kind(m: nn.Module):
 
 
 def _shares_storage(t: torch.Tensor) -> bool:
-    """A view into a larger buffer (block swap and component offload bind weights to flat arenas)."""
+    """A view into a larger buffer: block swap and component offload bind weights to flat arenas and
+    rebind them later, which would miss a new module. (The loaders give every tensor its own
+    storage: safetensors_io's frombuffer per tensor, .to(device) copies.)"""
     return t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
@@ -141,20 +143,24 @@ def fuse_qkv(model: nn.Module, *, strict: bool = True) -> list[str]:
     return fused
 
 
-def unfuse_qkv(model: nn.Module) -> list[str]:
-    """The inverse of fuse_qkv: split each `qkv` back into q, k, v (bit-identical to the originals)."""
+def unfuse_qkv(model: nn.Module, *, strict: bool = True) -> list[str]:
+    """The inverse of fuse_qkv: split each `qkv` back into q, k, v (bit-identical to the originals).
+    A block whose qkv is bound to an offload buffer is refused (strict: ValidationError before
+    changing anything) or left fused (it still computes the same q, k, v)."""
     todo = [(name, attn) for name, attn in model.named_modules()
             if isinstance(attn, SelfAttention) and attn.qkv is not None]
-    for name, attn in todo:
-        if any(_shares_storage(t) for t in attn.qkv.parameters()) or any(map(_shares_storage, attn.qkv.buffers())):
-            raise ValidationError(f"unfuse_qkv: {name}: weights are views of a shared buffer "
-                                  "(block swap / offload): remove it first (nothing was unfused)")
+    bound = {name for name, attn in todo
+             if any(_shares_storage(t) for t in [*attn.qkv.parameters(), *attn.qkv.buffers()])}
+    if strict and bound:
+        raise ValidationError(f"unfuse_qkv: {min(bound)}: weights are views of a shared buffer "
+                              "(block swap / offload): remove it first (nothing was unfused)")
     done = []
     with torch.no_grad():
         for name, attn in todo:
-            attn.q, attn.k, attn.v = _split_linear(attn.qkv, 3)
-            attn.qkv = None
-            done.append(name)
+            if name not in bound:
+                attn.q, attn.k, attn.v = _split_linear(attn.qkv, 3)
+                attn.qkv = None
+                done.append(name)
     _release_cached(model)
     return done
 
