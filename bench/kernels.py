@@ -357,8 +357,8 @@ def gelu_kind(b: Bench, x, w, bias) -> dict:
     tanh, erf = F.gelu(z, approximate="tanh").to(torch.bfloat16), F.gelu(z).to(torch.bfloat16)
     differ = tanh != erf
     n = int(differ.sum())
-    return {"gelu_kind_elements": n, "gelu_matches_tanh": round(float((got == tanh)[differ].float().mean()), 4) if n else None,
-            "gelu_matches_erf": round(float((got == erf)[differ].float().mean()), 4) if n else None}
+    share = lambda want: round(float((got == want)[differ].float().mean()), 4) if n else None
+    return {"gelu_kind_elements": n, "gelu_matches_tanh": share(tanh), "gelu_matches_erf": share(erf)}
 
 
 def projection_rows(b: Bench, size, tokens, width, heads):

@@ -192,7 +192,8 @@ def test_addmm_activation_is_erf_gelu_on_cpu():
     computes the exact (erf) GELU, not the tanh approximation the FFN uses (torch 2.13). If this
     starts failing, torch changed it and the CPU could take the epilogue path too."""
     g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(64, 128, generator=g) * 2, torch.randn(96, 128, generator=g) * 0.1, torch.randn(96, generator=g)
+    x, w = torch.randn(64, 128, generator=g) * 2, torch.randn(96, 128, generator=g) * 0.1
+    b = torch.randn(96, generator=g)
     got = torch._addmm_activation(b, x, w.t(), use_gelu=True)
     lin = F.linear(x, w, b)
     torch.testing.assert_close(got, F.gelu(lin), rtol=1e-5, atol=1e-6)
