@@ -15,7 +15,9 @@ memory and goes on; the JSON is rewritten after each row, so a timeout keeps wha
 3. dit: one WanAnimate 14B forward, random bf16 weights built on the GPU (meta -> to_empty ->
    normal_(0, 0.02) / ones / zero bias, as shared/baselines/bench_diffusers.py does), inputs as
    that script's (77 frames of 512x512 face crops, 512 text tokens, 257 CLIP tokens): kernels off,
-   kernels on (also denoise only), kernels + CUDA graph (denoise only), kernels + compile_blocks.
+   kernels with the old rms_norm_rope kernel and separate q/k/v, the new kernel with separate q/k/v,
+   kernels + fused qkv (the default of use_kernels), + the GELU epilogue, kernels (denoise only),
+   kernels + CUDA graph (denoise only), kernels + compile_blocks.
 4. diffusers: WanAnimateTransformer3DModel eager and with compile_repeated_blocks (if importable),
    same inputs and weight scheme; run before part 3, so that a time limit cuts wanimate's compile
    rows rather than the baseline. --budget-s stops starting rows past that much wall time.
@@ -27,6 +29,7 @@ Timing: CUDA events around each call after warm-up, median of repeats (perf_coun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -197,19 +200,42 @@ def kernel_cases(b: Bench, tokens: int, width: int, heads: int):
     el = tokens * width
     warps = [4, 8, 16]
     ops = torch.ops.wanimate
+    qkv = rand(1, tokens, 3 * width)
+    qv, kv = qkv.chunk(3, dim=-1)[:2]       # what SelfAttention passes after fuse_qkv
+    chunks = [(1024, 4), (1024, 8), (512, 4), (2048, 8)]      # (chunk, warps); the default first
     return {
         "rms_norm_rope (q, k)": (
             lambda: ops.rms_norm_rope(q, k, wq, wk, cos, sin, eps),
             lambda: RR.rms_norm_rope_ref(q, k, wq, wk, cos, sin, eps),
             4 * el * 2 + 2 * width * 2 + 2 * cos.numel() * 4,
-            [(f"warps={w}", lambda w=w: RR._launch(q, k, wq, wk, cos, sin, eps, num_warps=w)) for w in warps],
-            "self-attention q and k: 2 bf16 reads + 2 bf16 writes"),
+            [(f"chunk={c},warps={w}", lambda c=c, w=w: RR._launch(q, k, wq, wk, cos, sin, eps, chunk=c, num_warps=w))
+             for c, w in chunks],
+            "self-attention q and k: 2 bf16 reads + 2 bf16 writes (two-pass chunk kernel)"),
+        "rms_norm_rope (q, k) [old row kernel]": (
+            lambda: RR._launch(q, k, wq, wk, cos, sin, eps, variant="row"),
+            None,
+            4 * el * 2 + 2 * width * 2 + 2 * cos.numel() * 4,
+            [],
+            "the first version: whole row in registers, one pass, 8 warps (its measured best)"),
+        "rms_norm_rope (q, k views of fused qkv)": (
+            lambda: ops.rms_norm_rope(qv, kv, wq, wk, cos, sin, eps),
+            None,
+            4 * el * 2 + 2 * width * 2 + 2 * cos.numel() * 4,
+            [],
+            "inputs are strided views of the [L, 3C] qkv output (row stride 3C)"),
         "rms_norm (cross q)": (
             lambda: ops.rms_norm(q, wq, eps),
             lambda: RR.rms_norm_ref(q, wq, eps),
             2 * el * 2 + width * 2,
-            [(f"warps={w}", lambda w=w: RR._launch(q, None, wq, None, None, None, eps, num_warps=w)) for w in warps],
+            [(f"chunk={c},warps={w}", lambda c=c, w=w: RR._launch(q, None, wq, None, None, None, eps, chunk=c,
+                                                                   num_warps=w)) for c, w in chunks],
             "bf16 in, bf16 out"),
+        "rms_norm (cross q) [old row kernel]": (
+            lambda: RR._launch(q, None, wq, None, None, None, eps, variant="row"),
+            None,
+            2 * el * 2 + width * 2,
+            [],
+            "the first version"),
         "layer_norm + modulation": (
             lambda: ops.layer_norm(x32, eps, bf16, scale=scale, shift=shift),
             lambda: LN.layer_norm_ref(x32, eps, bf16, scale=scale, shift=shift),
@@ -261,6 +287,8 @@ def bench_kernels(b: Bench, sizes):
     for size in sizes:
         tokens = tokens_for(size) if b.cuda else {"480p": 21, "720p": 35}[size]
         for name, (op, ref, nbytes, sweep, note) in kernel_cases(b, tokens, width, heads).items():
+            if not wanted(b, name):
+                continue
             def measure(op=op, ref=ref, nbytes=nbytes, sweep=sweep):
                 t, _ = b.time(op, warmup=warm, reps=reps)
                 row = {"us": round(t * 1e6, 1), "mbytes": round(nbytes / 1e6, 1), "gb_s": round(nbytes / t / 1e9, 1),
@@ -277,7 +305,15 @@ def bench_kernels(b: Bench, sizes):
                     row.update(best_setting=best[0], best_of_copy=round(nbytes / best[1] / 1e9 / copy_gbs, 3))
                 return row
             b.guarded("kernels", {"kernel": name, "size": size, "tokens": tokens, "note": note}, measure)
-        gelu_epilogue(b, size, tokens, width)
+        if wanted(b, "ffn up + gelu"):
+            gelu_epilogue(b, size, tokens, width)
+        if wanted(b, "q/k/v projection, sdpa on views of qkv"):
+            projection_rows(b, size, tokens, width, heads)
+
+
+def wanted(b: Bench, name: str) -> bool:
+    """--kernel-filter: run only the kernel rows whose name contains one of its substrings."""
+    return not b.args.kernel_filter or any(f in name for f in b.args.kernel_filter)
 
 
 def gelu_epilogue(b: Bench, size, tokens, width):
@@ -300,9 +336,66 @@ def gelu_epilogue(b: Bench, size, tokens, width):
         return {"linear_gelu_ms": round(t_ref * 1e3, 3), "epilogue_ms": round(t_epi * 1e3, 3),
                 "saved_ms_per_forward": round((t_ref - t_epi) * 1e3 * 40, 1),
                 "tflops_epilogue": round(flops / t_epi / 1e12, 1),
-                "rel_l2": float(f"{((epi - ref).norm() / ref.norm()).item():.2e}")}
+                "rel_l2": float(f"{((epi - ref).norm() / ref.norm()).item():.2e}"), **gelu_kind(b, x, w, bias)}
     b.guarded("kernels", {"kernel": "ffn up + gelu(tanh): Linear+GELU vs cuBLASLt epilogue", "size": size,
                           "tokens": tokens}, measure)
+
+
+def gelu_kind(b: Bench, x, w, bias) -> dict:
+    """Which GELU torch._addmm_activation computes at this shape: inputs that are small multiples of
+    powers of two make the GEMM exact in fp32, so the bf16 output is round(gelu(z)) of a known z; it
+    is compared with round(gelu_tanh(z)) and round(gelu_erf(z)) where those two differ (z < -1 mostly).
+    On the CPU (torch 2.13) it is erf; cuBLASLt's GELU_BIAS epilogue is tanh."""
+    torch = b.torch
+    import torch.nn.functional as F
+    g = torch.Generator(device=b.device).manual_seed(3)
+    xi = torch.randint(-2, 3, x.shape, device=b.device, generator=g).to(torch.bfloat16)
+    wi = (torch.randint(-2, 3, w.shape, device=b.device, generator=g) / 64).to(torch.bfloat16)
+    bi = (torch.randint(-8, 9, bias.shape, device=b.device, generator=g) / 8).to(torch.bfloat16)
+    z = xi[:4096].double() @ wi.double().t() + bi.double()            # exact (|z| <= 328, step 1/64)
+    got = torch._addmm_activation(bi, xi, wi.t(), use_gelu=True)[:4096]
+    tanh, erf = F.gelu(z, approximate="tanh").to(torch.bfloat16), F.gelu(z).to(torch.bfloat16)
+    differ = tanh != erf
+    n = int(differ.sum())
+    share = lambda want: round(float((got == want)[differ].float().mean()), 4) if n else None
+    return {"gelu_kind_elements": n, "gelu_matches_tanh": share(tanh), "gelu_matches_erf": share(erf)}
+
+
+def projection_rows(b: Bench, size, tokens, width, heads):
+    """The fused q/k/v projection against three GEMMs, and attention on v as a strided view of the
+    fused output (what SelfAttention does after fuse_qkv) against a contiguous v: SDPA must not
+    fall back to a slower backend for the view."""
+    torch = b.torch
+    import torch.nn.functional as F
+    from wanimate.engine.attention import attention
+    g = torch.Generator(device=b.device).manual_seed(4)
+    x = torch.randn(tokens, width, device=b.device, generator=g).to(torch.bfloat16)
+    w = (torch.randn(3 * width, width, device=b.device, generator=g) * 0.02).to(torch.bfloat16)
+    bias = torch.zeros(3 * width, device=b.device, dtype=torch.bfloat16)
+    ws, bs = w.chunk(3), bias.chunk(3)
+    reps = 10 if b.cuda else 2
+
+    def gemms():
+        t3, _ = b.time(lambda: [F.linear(x, wi, bi) for wi, bi in zip(ws, bs)], warmup=2, reps=reps)
+        t1, _ = b.time(lambda: F.linear(x, w, bias), warmup=2, reps=reps)
+        return {"three_gemms_ms": round(t3 * 1e3, 3), "fused_gemm_ms": round(t1 * 1e3, 3),
+                "saved_ms_per_forward": round((t3 - t1) * 1e3 * 40, 1),
+                "tflops_fused": round(2 * tokens * width * 3 * width / t1 / 1e12, 1)}
+    b.guarded("kernels", {"kernel": "q/k/v projection: 3 GEMMs vs fused qkv GEMM", "size": size, "tokens": tokens},
+              gemms)
+
+    def views():
+        qkv = F.linear(x, w, bias).view(1, tokens, 3, heads, width // heads)
+        q, k, v = qkv.unbind(2)
+        q, k, vc = q.contiguous(), k.contiguous(), v.contiguous()
+        r = 3 if b.cuda else 1
+        t_view, _ = b.time(lambda: attention(q, k, v, "sdpa"), warmup=1, reps=r)
+        t_cont, _ = b.time(lambda: attention(q, k, vc, "sdpa"), warmup=1, reps=r)
+        same = torch.equal(attention(q, k, v, "sdpa"), attention(q, k, vc, "sdpa"))
+        return {"v_view_ms": round(t_view * 1e3, 2), "v_contiguous_ms": round(t_cont * 1e3, 2),
+                "view_over_contiguous": round(t_view / t_cont, 3), "bitwise_equal": same}
+    b.guarded("kernels", {"kernel": "self-attention sdpa: v as view of qkv vs contiguous", "size": size,
+                          "tokens": tokens}, views)
 
 
 def bench_attention(b: Bench, sizes):
@@ -412,9 +505,24 @@ def rel_l2(a, ref) -> float:
     return float(f"{((a - ref).norm() / ref.norm()).item():.3e}")
 
 
+@contextlib.contextmanager
+def rms_norm_rope_variant(variant: str):
+    """Run the wanimate::rms_norm_rope / rms_norm ops with another kernel variant ("row": the old
+    whole-row kernel) inside the block: a bench-only switch for the old-vs-new DiT rows, restored
+    on exit (the engine has no such setting)."""
+    from wanimate.kernels import rms_norm_rope as RR
+    defaults = RR._launch.__kwdefaults__
+    saved = defaults["variant"]
+    defaults["variant"] = variant
+    try:
+        yield
+    finally:
+        defaults["variant"] = saved
+
+
 def bench_wanimate(b: Bench, sizes):
     torch = b.torch
-    from wanimate.engine.transforms import GraphedDenoise, compile_blocks, use_kernels
+    from wanimate.engine.transforms import GraphedDenoise, compile_blocks, fuse_qkv, use_gelu_epilogue, use_kernels
     cfg = dit_config(b)
     holder = {}
 
@@ -447,14 +555,35 @@ def bench_wanimate(b: Bench, sizes):
         x = make_inputs(b, cfg, size)
         use_kernels(model, on=False)
         row("wanimate reference", size, x, lambda: forward(x), keep_ref=True)
-        if not use_kernels(model):
+        if not use_kernels(model, fuse_projections=False):
             print("  triton not importable: kernel rows would run the reference; skipped", flush=True)
             continue
+        if "old" not in b.args.skip_rows:
+            # The fast path as it was before issue 5's second round, then with the new kernel alone.
+            with rms_norm_rope_variant("row"):
+                row("wanimate kernels [old rms_norm_rope, q/k/v]", size, x, lambda: forward(x), ref_key=size)
+            row("wanimate kernels [q/k/v separate]", size, x, lambda: forward(x), ref_key=size)
+
+        def fuse():
+            t0 = time.perf_counter()
+            before = torch.cuda.memory_allocated() if b.cuda else 0
+            names = fuse_qkv(model, strict=False)        # what use_kernels(model) does on top
+            after = torch.cuda.memory_allocated() if b.cuda else 0
+            return {"fused": len(names), "fuse_s": round(time.perf_counter() - t0, 2),
+                    "allocated_change_gib": round((after - before) / 2**30, 3)}
+        b.guarded("dit", {"row": "fuse_qkv (use_kernels default)", "size": size}, fuse)
         row("wanimate kernels", size, x, lambda: forward(x), ref_key=size)
+        if "gelu" not in b.args.skip_rows:
+            use_gelu_epilogue(model)
+            try:
+                row("wanimate kernels + gelu epilogue", size, x, lambda: forward(x), ref_key=size)
+            finally:
+                use_gelu_epilogue(model, on=False)
         with torch.no_grad():
             conds[size] = cond = model.prepare(x["y"], x["pose"], x["face"], x["text"], x["clip"])
-        row("wanimate kernels", size, x, lambda: model.denoise(x["latents"], x["t"], cond), what="denoise",
-            ref_key=size)
+        if "denoise" not in b.args.skip_rows:
+            row("wanimate kernels", size, x, lambda: model.denoise(x["latents"], x["t"], cond), what="denoise",
+                ref_key=size)
         if b.cuda and "graph" not in b.args.skip_rows:
             graphed = GraphedDenoise(model, warmup=1)
             row("wanimate kernels + CUDA graph", size, x, lambda: graphed(x["latents"], x["t"], cond),
@@ -603,26 +732,27 @@ def summarize(b: Bench):
                                                          if k not in ("op", "size", "tokens", "traceback")))
     print("\n== DiT (median seconds per call; speedup = diffusers eager forward / row, same size)")
     base = {d["size"]: d["median_s"] for d in r["dit"] if d.get("row") == "diffusers eager" and "median_s" in d}
-    print(f"{'row':36s} {'what':8s} {'size':5s} {'tokens':>7s} {'median_s':>9s} {'first_s':>8s} {'speedup':>8s} "
+    print(f"{'row':44s} {'what':8s} {'size':5s} {'tokens':>7s} {'median_s':>9s} {'first_s':>8s} {'speedup':>8s} "
           f"{'rel_l2':>10s} {'peak_gib':>8s}")
     for d in r["dit"]:
-        if "size" not in d:
-            print(f"{d['row']:36s} " + ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("row", "traceback")))
+        if "what" not in d:
+            print(f"{d['row']:44s} " + ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("row", "traceback")))
             continue
         if "median_s" not in d:
-            print(f"{d['row']:36s} {d['what']:8s} {d['size']:5s} {d.get('error') or d.get('skipped')}")
+            print(f"{d['row']:44s} {d['what']:8s} {d['size']:5s} {d.get('error') or d.get('skipped')}")
             continue
         sp = base.get(d["size"], math.nan) / d["median_s"] if d["what"] == "forward" else math.nan
-        print(f"{d['row']:36s} {d['what']:8s} {d['size']:5s} {d['tokens']:7d} {d['median_s']:9.3f} "
+        print(f"{d['row']:44s} {d['what']:8s} {d['size']:5s} {d['tokens']:7d} {d['median_s']:9.3f} "
               f"{d['first_s']:8.2f} {sp:8.3f} {str(d.get('rel_l2_vs_reference', '')):>10s} "
               f"{str(d.get('peak_gib', '')):>8s}")
     # targets
     t = {}
-    fused = [k for k in r["kernels"] if "of_copy" in k and "unfused" not in k["kernel"]]
+    fused = [k for k in r["kernels"] if "of_copy" in k and "unfused" not in k["kernel"] and "[old" not in k["kernel"]]
     if fused:
         t["kernels_min_of_copy"] = min(k["of_copy"] for k in fused)
         t["kernels_below_target"] = sorted({k["kernel"] for k in fused if k["of_copy"] < TARGET_KERNEL_FRACTION})
-    for name in ("wanimate kernels", "wanimate kernels + compile_blocks"):
+    for name in ("wanimate kernels [old rms_norm_rope, q/k/v]", "wanimate kernels [q/k/v separate]",
+                 "wanimate kernels", "wanimate kernels + gelu epilogue", "wanimate kernels + compile_blocks"):
         row = next((d for d in r["dit"] if d.get("row") == name and d.get("what") == "forward"
                     and d.get("size") == "480p" and "median_s" in d), None)
         if row and "480p" in base:
@@ -645,7 +775,11 @@ def main(argv=None):
     p.add_argument("--out", help="JSON path (default $OUT/bench_kernels.json, else ./bench_kernels.json)")
     p.add_argument("--sizes", default=None, help="comma list of 480p, 720p (default both; --smoke: 480p)")
     p.add_argument("--parts", default="kernels,attention,dit,diffusers")
-    p.add_argument("--skip-rows", default="", help="comma list; 'compile' skips both compile rows, 'graph' the CUDA-graph rows")
+    p.add_argument("--skip-rows", default="", help="comma list; 'compile' skips both compile rows, 'graph' the "
+                   "CUDA-graph rows, 'denoise' the denoise-only row, 'old' the old-kernel / separate q/k/v rows, "
+                   "'gelu' the GELU-epilogue row")
+    p.add_argument("--kernel-filter", default="", help="comma list of substrings: only the kernel rows whose "
+                   "name contains one (e.g. rms_norm,gelu,qkv)")
     p.add_argument("--extra-rows", default="", help="comma list of sage, fp8: attention and quantization rows "
                                                      "on the same model and inputs (issues 6 and 7)")
     p.add_argument("--sage-backend", default="sage", help="attention backend name for the sage rows, e.g. sage:128x64x8x3")
@@ -658,6 +792,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.skip_rows = set(filter(None, args.skip_rows.split(",")))
     args.extra_rows = set(filter(None, args.extra_rows.split(",")))
+    args.kernel_filter = [f for f in args.kernel_filter.split(",") if f]
     args.sizes_given, args.sizes = args.sizes is not None, args.sizes or "480p,720p"
     args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
     if args.smoke:

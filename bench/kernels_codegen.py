@@ -50,11 +50,14 @@ def variants():
     flags = lambda **kw: {"HAS_RESIDUAL": False, "HAS_GATE": False, "AFFINE": False, "MODULATE": False,
                           "BLOCK": 8192, **kw}
     out = []
+    chunk, nchunk, warps = RR.chunk_settings(5120)
     for dt in ("*bf16", "*fp32"):
         out.append((f"rms_norm_rope {dt[1:]}", RR._rms_norm_rope_kernel, rope(dt),
-                    dict(HALF_D=64, HAS_K=True, HAS_ROPE=True, BLOCK=8192), 16))
-    out.append(("rms_norm bf16", RR._rms_norm_rope_kernel, rope(bf), dict(HALF_D=1, HAS_K=False, HAS_ROPE=False,
-                                                                          BLOCK=8192), 16))
+                    dict(HALF_D=64, HAS_K=True, HAS_ROPE=True, CHUNK=chunk, NCHUNK=nchunk), warps))
+    out.append(("rms_norm bf16", RR._rms_norm_rope_kernel, rope(bf),
+                dict(HALF_D=1, HAS_K=False, HAS_ROPE=False, CHUNK=chunk, NCHUNK=nchunk), warps))
+    out.append(("rms_norm_rope bf16 (old, row)", RR._rms_norm_rope_row_kernel, rope(bf),
+                dict(HALF_D=64, HAS_K=True, HAS_ROPE=True, BLOCK=8192), RR.row_settings(5120)[1]))
     out.append(("layer_norm+mod fp32->bf16", LN._layer_norm_kernel, ln(f32, bf), flags(MODULATE=True), 16))
     out.append(("layer_norm+mod bf16->bf16", LN._layer_norm_kernel, ln(bf, bf), flags(MODULATE=True), 16))
     out.append(("layer_norm affine fp32->bf16", LN._layer_norm_kernel, ln(f32, bf), flags(AFFINE=True), 16))
@@ -82,8 +85,8 @@ def compile_one(fn, types: dict, consts: dict, warps: int) -> dict:
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
-    info = {"loads": sorted(set(re.findall(r"ld\.global[.a-z0-9]*", ptx))),
-            "stores": sorted(set(re.findall(r"st\.global[.a-z0-9]*", ptx))),
+    info = {"loads": sorted(set(re.findall(r"ld\.global[.a-zA-Z0-9:_]*", ptx))),
+            "stores": sorted(set(re.findall(r"st\.global[.a-zA-Z0-9:_]*", ptx))),
             "layout_converts": ttgir.count("convert_layout"), "smem": kernel.metadata.shared,
             "regs": None, "spill_bytes": None}
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"

@@ -339,22 +339,29 @@ class SelfAttention(nn.Module):
         # RMSNorm over the full width (across heads), before the split into heads.
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+        # engine/transforms.py fuse_qkv replaces q, k, v by this one [3C, C] linear (one GEMM).
+        self.qkv: nn.Module | None = None
         self.backend = "sdpa"
         self.kernels = False
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [B, L, C] in the compute dtype -> [B, L, C]."""
         dtype = x.dtype
+        if self.qkv is not None:
+            # One GEMM; q, k, v are views of its [B, L, 3C] output (rows are independent, so each
+            # equals its own linear's output).
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), None          # v later: one [B, L, C] fewer held meanwhile
         if self.kernels and kernels.supported(x, *rope):
             # RMSNorm of q and k and RoPE in one pass, q and k written once (kernels/rms_norm_rope.py).
-            q, k = ops.rms_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *rope,
-                                     self.norm_q.eps)
+            q, k = ops.rms_norm_rope(q, k, self.norm_q.weight, self.norm_k.weight, *rope, self.norm_q.eps)
             q, k = q.unflatten(-1, (self.heads, -1)), k.unflatten(-1, (self.heads, -1))   # [B, L, H, D]
         else:
-            q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))     # [B, L, H, D]
-            k = self.norm_k(self.k(x)).unflatten(-1, (self.heads, -1))
+            q = self.norm_q(q).unflatten(-1, (self.heads, -1))     # [B, L, H, D]
+            k = self.norm_k(k).unflatten(-1, (self.heads, -1))
             q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
-        v = self.v(x).unflatten(-1, (self.heads, -1))
+        v = (self.v(x) if v is None else v).unflatten(-1, (self.heads, -1))
         return self.o(attention(q, k, v, self.backend).flatten(2))
 
 

@@ -13,10 +13,12 @@ This package imports neither triton nor the kernel files until `load()` runs (en
 `use_kernels` calls it): Triton decides between compiling and interpreting (TRITON_INTERPRET=1)
 when a kernel is defined, and the model must stay importable without triton.
 
-Not here, by measurement or estimate: GELU(tanh) of the FFN. Fusing it needs a GEMM epilogue;
-as a separate pass it moves 4 bytes per FFN-hidden element, about 0.5 ms per block at 480p on an
-H100 (under 1% of the forward). bench/kernels.py times cuBLASLt's GELU epilogue
-(`torch._addmm_activation`) against Linear + GELU so the choice rests on a number.
+Not here: GELU(tanh) of the FFN. Fusing it needs a GEMM epilogue; as a separate pass it moves
+4 bytes per FFN-hidden element, about 0.25 ms per block at 480p on an H200 (under 1% of the
+forward). engine/transforms.py `use_gelu_epilogue` uses cuBLASLt's GELU epilogue
+(`torch._addmm_activation`), opt-in; bench/kernels.py times it as its own DiT row. Nor the fused
+q/k/v projection (engine/transforms.py `fuse_qkv`, a GEMM): rms_norm_rope reads its q and k as
+strided views.
 """
 from __future__ import annotations
 

@@ -16,12 +16,21 @@ contraction of the rotation; each can move a bf16 output by one ulp where a valu
 rounding boundary. (Under TRITON_INTERPRET=1 the interpreter truncates fp32 -> bf16 instead of
 rounding to nearest, so CPU tests see up to a few bf16 ulps.)
 
-Design: one program per token row. The whole row (5120 wide: 10 KiB bf16) of q and of k is loaded
-contiguously (16-byte vectors), both before any math so that both are in flight, and split into
-(even, odd) pairs in registers; the cos/sin row (head_dim/2 values) is gathered for each head
-from L1. Bytes moved per row:
+Design: one program per token row (q and k of one token together: they share the cos/sin row),
+in two passes over column chunks of 1024 (4 warps: one 16-byte vector per thread per tensor).
+Pass 1 loads every chunk of q and k (unrolled, all loads in flight at once) and sums squares;
+pass 2 reads each chunk again from L1/L2, normalises, rotates the (even, odd) pairs in registers
+with the cos/sin row of the token (gathered per head from L1) and stores. Bytes from DRAM per row:
 2 reads + 2 writes of C elements, plus the cos/sin row. Without rope the same kernel is the plain
 width RMSNorm of the cross-attention query (`wanimate::rms_norm`).
+
+Why two passes (issue 5): the first version held the whole row in registers, one pass
+(`_rms_norm_rope_row_kernel`, kept for the comparison rows of bench/kernels.py). For C = 5120 its
+block is 8192 lanes (3/8 masked) and a program needs ~100 registers per thread at 8 warps, so only
+2 programs fit on an SM; each has its loads in flight only at its start, and the reduction,
+rotation and stores of the other leave the memory system idle: 56-66% of the copy bandwidth on
+an H200. The chunked kernel needs few registers (up to 16 programs per SM, bounded by threads),
+wastes no lanes at C = 5120, and its second read hits the cache (the row is 10 KiB), not DRAM.
 
 Layout after Liger-Kernel's rms_norm/rope ops and the Triton layer-norm tutorial (row programs,
 `calculate_settings`-style warps); written from scratch for this model's rounding.
@@ -87,6 +96,14 @@ def _rotate(x, c, s, BLOCK: tl.constexpr):
     return tl.reshape(tl.join(x0 * c - x1 * s, x0 * s + x1 * c), (BLOCK,))
 
 
+@triton.jit
+def _scale(x, rstd, w):
+    """x * rstd and the weight multiply with the reference's two roundings to the activation dtype
+    (w's dtype), returned as fp32."""
+    n = (x * rstd).to(w.dtype).to(tl.float32)
+    return (n * w.to(tl.float32)).to(w.dtype).to(tl.float32)
+
+
 # Token counts vary per video: no recompilation for each one's divisibility.
 @triton.jit(do_not_specialize=["L"])
 def _rms_norm_rope_kernel(
@@ -100,6 +117,63 @@ def _rms_norm_rope_kernel(
     HALF_D: tl.constexpr,     # head_dim // 2
     HAS_K: tl.constexpr,      # also normalise (and rotate) K with WK
     HAS_ROPE: tl.constexpr,
+    CHUNK: tl.constexpr,      # power of two (>= 2): columns per step
+    NCHUNK: tl.constexpr,     # cdiv(C, CHUNK)
+):
+    """One row of q (and k) in two passes of NCHUNK column chunks. Pass 1 loads every chunk (all
+    loads issued before the reduction: the loop is unrolled) and sums squares; pass 2 loads each
+    chunk again (an L1/L2 hit: the row was just read), normalises, rotates and stores it."""
+    row = tl.program_id(0).to(tl.int64)
+    b = row // L
+    l = row % L
+    q_row = Q + b * stride_qb + l * stride_ql
+    k_row = K + b * stride_kb + l * stride_kl
+    offs = tl.arange(0, CHUNK)
+    acc_q = tl.zeros([CHUNK], dtype=tl.float32)
+    acc_k = tl.zeros([CHUNK], dtype=tl.float32)
+    for i in tl.static_range(NCHUNK):
+        cols = i * CHUNK + offs
+        mask = cols < C
+        # evict_last: keep the row in L2 for pass 2.
+        x = tl.load(q_row + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        acc_q += x * x
+        if HAS_K:
+            x = tl.load(k_row + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            acc_k += x * x
+    rstd_q = tl.rsqrt(tl.sum(acc_q, axis=0) / C + eps)
+    rstd_k = tl.rsqrt(tl.sum(acc_k, axis=0) / C + eps)
+    for i in tl.static_range(NCHUNK):
+        cols = i * CHUNK + offs
+        mask = cols < C
+        if HAS_ROPE:
+            # Pair p of the row is pair p % HALF_D of its head; every head shares the token's angles.
+            p = i * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
+            pm = p < C // 2
+            cos = tl.load(COS + l * HALF_D + p % HALF_D, mask=pm, other=0.0)
+            sin = tl.load(SIN + l * HALF_D + p % HALF_D, mask=pm, other=0.0)
+        x = tl.load(q_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        # Weights are cast to the activation dtype first, as w.to(x.dtype) does.
+        w = tl.load(WQ + cols, mask=mask, other=0.0).to(Q.dtype.element_ty)
+        x = _scale(x, rstd_q, w)
+        if HAS_ROPE:
+            x = _rotate(x, cos, sin, CHUNK)
+        tl.store(QO + row * C + cols, x.to(QO.dtype.element_ty), mask=mask)
+        if HAS_K:
+            x = tl.load(k_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            w = tl.load(WK + cols, mask=mask, other=0.0).to(K.dtype.element_ty)
+            x = _scale(x, rstd_k, w)
+            if HAS_ROPE:
+                x = _rotate(x, cos, sin, CHUNK)
+            tl.store(KO + row * C + cols, x.to(KO.dtype.element_ty), mask=mask)
+
+
+# The first version, kept for the old-vs-new rows of bench/kernels.py: the whole row held in
+# registers (BLOCK = next power of two >= C: 8192 lanes for 5120 columns, 3/8 of them masked),
+# q and k loaded up front, one pass. It measured 56-66% of the copy bandwidth on an H200.
+@triton.jit(do_not_specialize=["L"])
+def _rms_norm_rope_row_kernel(
+    Q, K, WQ, WK, QO, KO, COS, SIN, L, C, stride_qb, stride_ql, stride_kb, stride_kl, eps,
+    HALF_D: tl.constexpr, HAS_K: tl.constexpr, HAS_ROPE: tl.constexpr,
     BLOCK: tl.constexpr,      # power of two >= C (and >= 2)
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -111,11 +185,9 @@ def _rms_norm_rope_kernel(
     q = tl.load(Q + b * stride_qb + l * stride_ql + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_K:
         k = tl.load(K + b * stride_kb + l * stride_kl + offs, mask=mask, other=0.0).to(tl.float32)
-    # Weights are cast to the activation dtype first, as w.to(x.dtype) does.
     wq = tl.load(WQ + offs, mask=mask, other=0.0).to(Q.dtype.element_ty)
     q = _normalize(q, wq, C, eps)
     if HAS_ROPE:
-        # Pair p of the row is pair p % HALF_D of its head; every head shares the token's angles.
         p = tl.arange(0, BLOCK // 2)
         pm = p < C // 2
         cos = tl.load(COS + l * HALF_D + p % HALF_D, mask=pm, other=0.0)
@@ -135,7 +207,9 @@ def _rms_norm_rope_kernel(
 
 
 def row_settings(width: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) for one program per row of `width` elements (Liger's calculate_settings)."""
+    """(BLOCK, num_warps) for one program holding a whole row of `width` elements in registers
+    (Liger's calculate_settings). Used by the other row kernels (layer_norm.py) and by the old
+    rms_norm_rope variant."""
     block = max(triton.next_power_of_2(width), 2)
     if block > 65536:
         raise ValidationError(f"row width {width} is larger than the fused row kernels support (65536)")
@@ -146,6 +220,22 @@ def row_settings(width: int) -> tuple[int, int]:
     return block, warps
 
 
+# Chunk of the two-pass kernel: 1024 columns over 4 warps is one 16-byte vector per thread per
+# tensor (bf16), so a 5120 row is 5 unmasked chunks and a program needs few registers: up to 16
+# programs (each with its q and k rows, 20 KiB, in flight) per SM instead of 2 with the whole-row
+# kernel, whose 8192-lane block also leaves 3/8 of its lanes masked.
+CHUNK, CHUNK_WARPS = 1024, 4
+
+
+def chunk_settings(width: int, chunk: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
+    """(CHUNK, NCHUNK, num_warps) of the two-pass kernel for rows of `width` elements."""
+    chunk = chunk or min(CHUNK, max(triton.next_power_of_2(width), 2))
+    nchunk = triton.cdiv(width, chunk)
+    if nchunk > 64:
+        raise ValidationError(f"row width {width} is larger than rms_norm_rope supports ({64 * chunk})")
+    return chunk, nchunk, num_warps or (CHUNK_WARPS if chunk >= 1024 else max(1, chunk // 256))
+
+
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     """A [B, L, C] view with unit stride along C (copying only when C is strided)."""
     if x.dim() != 3:
@@ -153,7 +243,9 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps, *, num_warps=None):
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, *, variant="chunk", chunk=None, num_warps=None):
+    """The op's body; variant "row" is the old whole-row kernel, chunk / num_warps override the
+    settings (bench/kernels.py sweeps them)."""
     q = _rows(q, "q")
     b, l, c = q.shape
     if q_weight.shape != (c,):
@@ -175,12 +267,19 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, *, num_warps=None):
     ko = torch.empty((b, l, c), dtype=k.dtype, device=k.device) if has_k else qo
     if q.numel() == 0:
         return qo, ko
-    block, warps = row_settings(c)
-    _rms_norm_rope_kernel[(b * l,)](
-        q, k if has_k else q, q_weight, k_weight if has_k else q_weight, qo, ko,
-        cos if has_rope else q, sin if has_rope else q,
-        l, c, q.stride(0), q.stride(1), (k if has_k else q).stride(0), (k if has_k else q).stride(1), eps,
-        HALF_D=half, HAS_K=has_k, HAS_ROPE=has_rope, BLOCK=block, num_warps=num_warps or warps)
+    args = (q, k if has_k else q, q_weight, k_weight if has_k else q_weight, qo, ko,
+            cos if has_rope else q, sin if has_rope else q,
+            l, c, q.stride(0), q.stride(1), (k if has_k else q).stride(0), (k if has_k else q).stride(1), eps)
+    if variant == "row":
+        block, warps = row_settings(c)
+        _rms_norm_rope_row_kernel[(b * l,)](*args, HALF_D=half, HAS_K=has_k, HAS_ROPE=has_rope, BLOCK=block,
+                                            num_warps=num_warps or warps)
+    elif variant == "chunk":
+        chunk, nchunk, warps = chunk_settings(c, chunk, num_warps)
+        _rms_norm_rope_kernel[(b * l,)](*args, HALF_D=half, HAS_K=has_k, HAS_ROPE=has_rope, CHUNK=chunk,
+                                        NCHUNK=nchunk, num_warps=warps)
+    else:
+        raise ValidationError(f"rms_norm_rope variant must be 'chunk' or 'row', got {variant!r}")
     return qo, ko
 
 

@@ -76,6 +76,28 @@ def test_kernels_on_matches_reference_path(dtype, limit):
     assert torch.isfinite(got).all() and _rel_l2(got, ref) <= limit
 
 
+def test_use_kernels_fuses_qkv_and_off_restores():
+    """use_kernels fuses the self-attention projections by default (the kernels then read q and k
+    as strided views of the qkv output) and unfuses them when switched off; fuse_projections=False
+    is the separate-q/k/v ablation."""
+    model, latents, t, cond = _model_and_inputs(torch.bfloat16, seed=6)
+    attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    with torch.no_grad():
+        ref = model.denoise(latents, t, cond)
+        use_kernels(model, fuse_projections=False)
+        assert all(a.qkv is None for a in attns)
+        separate = model.denoise(latents, t, cond)
+        use_kernels(model)
+        assert all(a.qkv is not None for a in attns)
+        with _CountOps() as calls:
+            fused = model.denoise(latents, t, cond)
+        use_kernels(model, on=False)
+        assert all(a.qkv is None for a in attns)
+        back = model.denoise(latents, t, cond)
+    assert calls.counts["rms_norm_rope"] == CFG.num_layers
+    assert torch.equal(fused, separate) and torch.equal(back, ref)
+
+
 def test_guard_falls_back_to_reference(monkeypatch):
     """With the kernels unavailable (or an unsupported dtype) the flagged model runs the reference."""
     assert kernels.load()

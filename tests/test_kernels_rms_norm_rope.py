@@ -120,3 +120,28 @@ def test_opcheck():
     args = _case(2, (1, 1, 3), 2, 128, torch.bfloat16, seed=6)
     torch.library.opcheck(torch.ops.wanimate.rms_norm_rope.default, (*args, 1e-6))
     torch.library.opcheck(torch.ops.wanimate.rms_norm.default, (args[0], args[2], 1e-6))
+
+
+# The two-pass kernel with chunks smaller than the row: several chunks, a masked tail chunk
+# (126 = 3 x 42 is not a multiple of 32 or 64), pairs of one head split across chunks (head_dim 42),
+# and the old whole-row kernel (kept for bench/kernels.py) on the same cases.
+@pytest.mark.parametrize("variant,chunk", [("chunk", 32), ("chunk", 64), ("chunk", 256), ("row", None)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_variants_and_chunkings_match_reference(variant, chunk, dtype):
+    for b, grid, heads, head_dim in ((2, (2, 1, 3), 3, 42), (1, (1, 2, 2), 4, 64)):
+        args = _case(b, grid, heads, head_dim, dtype, seed=heads + (chunk or 0))
+        got = K._launch(*args, 1e-6, variant=variant, chunk=chunk)
+        assert_matches(got, K.rms_norm_rope_ref, *args, 1e-6)
+        assert_matches(K._launch(args[0], None, args[2], None, None, None, 1e-6, variant=variant, chunk=chunk)[0],
+                       K.rms_norm_ref, args[0], args[2], 1e-6)
+
+
+def test_chunk_settings():
+    """Wan's width is five full 1024-column chunks on 4 warps; narrow rows take one smaller chunk."""
+    assert K.chunk_settings(5120) == (1024, 5, 4)
+    assert K.chunk_settings(126)[:2] == (128, 1)
+    assert K.chunk_settings(769)[:2] == (1024, 1)
+    with pytest.raises(ValidationError, match="larger"):
+        K.chunk_settings(1024 * 65)
+    with pytest.raises(ValidationError, match="variant"):
+        K._launch(*_case(1, (1, 1, 1), 2, 128, torch.float32, seed=0), 1e-6, variant="nope")
