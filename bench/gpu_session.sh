@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batched GPU measurement session on the lent device machine (see bench/README or the issue notes).
 #
-#   bash bench/gpu_session.sh NAME "COMMAND" [NAME "COMMAND" ...]
+#   bash bench/gpu_session.sh NAME[:SECONDS] "COMMAND" [NAME[:SECONDS] "COMMAND" ...]
 #
 # Sets up the carried wheels (.whl/) and a `wanimate` import path pointing at this checkout, then
 # runs each named command with its own time limit (WANIMATE_SECTION_TIMEOUT, default 170 s) so one
@@ -23,11 +23,12 @@ limit=${WANIMATE_SECTION_TIMEOUT:-170}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RES/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$RES/device.txt"
 while [ $# -ge 2 ]; do
-  name=$1; cmd=$2; shift 2
+  spec=$1; name=${spec%%:*}; cmd=$2; shift 2
+  this_limit=$limit; case $spec in *:*) this_limit=${spec#*:};; esac
   export SECTION_OUT="$RES/$name"; mkdir -p "$SECTION_OUT"
   start=$(date +%s)
   echo "=== $name: $cmd"
-  timeout --signal=TERM --kill-after=10 "$limit" bash -c "$cmd" >"$RES/$name.log" 2>&1
+  timeout --signal=TERM --kill-after=10 "$this_limit" bash -c "$cmd" >"$RES/$name.log" 2>&1
   rc=$?
   echo "=== $name: rc=$rc in $(( $(date +%s) - start )) s"
   tail -n 40 "$RES/$name.log"
