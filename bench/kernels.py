@@ -9,7 +9,8 @@ memory and goes on; the JSON is rewritten after each row, so a timeout keeps wha
    measured copy ceiling (one large device-to-device copy, bytes read + written), at Wan sizes
    (480p: 21 latent frames x 30 x 52 = 32,760 tokens; 720p: 21 x 45 x 80 = 75,600; width 5120);
    the torch reference of each (what the model's reference path runs) for the speedup; a small
-   sweep of launch settings (the default is what the op uses); the two-kernel residual + norm
+   sweep of launch settings (the default is what the op uses); the old whole-row rms_norm_rope
+   and layer_norm kernels ('[old row kernel]' rows); the two-kernel residual + norm
    against the fused one; Linear + GELU(tanh) against cuBLASLt's GELU epilogue (FFN up-projection).
 2. attention: SDPA backends and one bf16 GEMM at the same sizes (napkin math for the DiT rows).
 3. dit: one WanAnimate 14B forward, random bf16 weights built on the GPU (meta -> to_empty ->
@@ -198,7 +199,6 @@ def kernel_cases(b: Bench, tokens: int, width: int, heads: int):
     qh = q.view(1, tokens, heads, head_dim)
     eps = 1e-6
     el = tokens * width
-    warps = [4, 8, 16]
     ops = torch.ops.wanimate
     qkv = rand(1, tokens, 3 * width)
     qv, kv = qkv.chunk(3, dim=-1)[:2]       # what SelfAttention passes after fuse_qkv
@@ -240,23 +240,41 @@ def kernel_cases(b: Bench, tokens: int, width: int, heads: int):
             lambda: ops.layer_norm(x32, eps, bf16, scale=scale, shift=shift),
             lambda: LN.layer_norm_ref(x32, eps, bf16, scale=scale, shift=shift),
             el * (4 + 2) + 2 * width * 4,
-            [(f"warps={w}", lambda w=w: LN._launch(x32, None, None, None, None, scale, shift, eps, bf16,
-                                                   num_warps=w)) for w in warps],
-            "norm1/norm2: fp32 stream in, bf16 out"),
+            [(f"chunk={c},warps={w}", lambda c=c, w=w: LN._launch(x32, None, None, None, None, scale, shift, eps,
+                                                                   bf16, chunk=c, num_warps=w)) for c, w in chunks],
+            "norm1/norm2: fp32 stream in, bf16 out (two-pass chunk kernel)"),
+        "layer_norm + modulation [old row kernel]": (
+            lambda: LN._launch(x32, None, None, None, None, scale, shift, eps, bf16, variant="row"),
+            None,
+            el * (4 + 2) + 2 * width * 4,
+            [],
+            "the first version: whole row in registers, one pass, 4 warps (its measured best)"),
         "add (gate) + layer_norm affine": (
             lambda: ops.add_layer_norm(x32, y, gate, eps, bf16, weight=w3, bias=b3),
             lambda: LN.add_layer_norm_ref(x32, y, gate, eps, bf16, w3, b3),
             el * (4 + 2 + 4 + 2) + 3 * width * 4,
-            [(f"warps={w}", lambda w=w: LN._launch(x32, y, gate, w3, b3, None, None, eps, bf16, num_warps=w))
-             for w in warps],
-            "self-attn residual + norm3: fp32+bf16 in, fp32+bf16 out"),
+            [(f"chunk={c},warps={w}", lambda c=c, w=w: LN._launch(x32, y, gate, w3, b3, None, None, eps, bf16,
+                                                                   chunk=c, num_warps=w)) for c, w in chunks],
+            "self-attn residual + norm3: fp32+bf16 in, fp32+bf16 out (two-pass chunk kernel)"),
+        "add (gate) + layer_norm affine [old row kernel]": (
+            lambda: LN._launch(x32, y, gate, w3, b3, None, None, eps, bf16, variant="row"),
+            None,
+            el * (4 + 2 + 4 + 2) + 3 * width * 4,
+            [],
+            "the first version: whole row in registers, one pass, 8 warps"),
         "add + layer_norm + modulation": (
             lambda: ops.add_layer_norm(x32, y, None, eps, bf16, scale=scale, shift=shift),
             lambda: LN.add_layer_norm_ref(x32, y, None, eps, bf16, scale=scale, shift=shift),
             el * (4 + 2 + 4 + 2) + 2 * width * 4,
-            [(f"warps={w}", lambda w=w: LN._launch(x32, y, None, None, None, scale, shift, eps, bf16,
-                                                   num_warps=w)) for w in warps],
-            "cross-attn residual + norm2"),
+            [(f"chunk={c},warps={w}", lambda c=c, w=w: LN._launch(x32, y, None, None, None, scale, shift, eps, bf16,
+                                                                   chunk=c, num_warps=w)) for c, w in chunks],
+            "cross-attn residual + norm2 (two-pass chunk kernel)"),
+        "add + layer_norm + modulation [old row kernel]": (
+            lambda: LN._launch(x32, y, None, None, None, scale, shift, eps, bf16, variant="row"),
+            None,
+            el * (4 + 2 + 4 + 2) + 2 * width * 4,
+            [],
+            "the first version: whole row in registers, one pass, 8 warps"),
         "gated_residual": (
             lambda: ops.gated_residual(x32, y, gate),
             lambda: GR.gated_residual_ref(x32, y, gate),
@@ -715,16 +733,16 @@ def summarize(b: Bench):
     r = b.results
     print("\n== copy ceiling:", r["copy"])
     print("\n== kernels (GB/s = bytes the op must move / median time; of_copy = fraction of the ceiling)")
-    print(f"{'kernel':44s} {'size':5s} {'us':>9s} {'GB/s':>8s} {'of_copy':>8s} {'ref_us':>9s} {'x ref':>6s}  best")
+    print(f"{'kernel':48s} {'size':5s} {'us':>9s} {'GB/s':>8s} {'of_copy':>8s} {'ref_us':>9s} {'x ref':>6s}  best")
     for k in r["kernels"]:
         if "error" in k:
-            print(f"{k['kernel']:44s} {k['size']:5s} ERROR {k['error']}")
+            print(f"{k['kernel']:48s} {k['size']:5s} ERROR {k['error']}")
         elif "us" in k:
-            print(f"{k['kernel']:44s} {k['size']:5s} {k['us']:9.1f} {k['gb_s']:8.1f} {k['of_copy']:8.3f} "
+            print(f"{k['kernel']:48s} {k['size']:5s} {k['us']:9.1f} {k['gb_s']:8.1f} {k['of_copy']:8.3f} "
                   f"{k.get('ref_us', float('nan')):9.1f} {k.get('speedup_vs_ref', float('nan')):6.2f}  "
                   f"{k.get('best_setting', '')} {k.get('best_of_copy', '')}")
         else:
-            print(f"{k['kernel']:44s} {k['size']:5s} " + ", ".join(f"{a}={v}" for a, v in k.items()
+            print(f"{k['kernel']:48s} {k['size']:5s} " + ", ".join(f"{a}={v}" for a, v in k.items()
                                                                   if a not in ("kernel", "size", "tokens")))
     print("\n== attention / GEMM")
     for a in r["attention"]:

@@ -47,8 +47,7 @@ def variants():
         return dict(X=x, Y=bf, G=f32, W=bf, BIAS=bf, SCALE=f32, SHIFT=f32, XO=f32, HO=out, L="i32", C="i32",
                     stride_xb="i32", stride_xl="i32", stride_yb="i32", stride_yl="i32", stride_gb="i32",
                     stride_sb="i32", stride_tb="i32", eps="fp32")
-    flags = lambda **kw: {"HAS_RESIDUAL": False, "HAS_GATE": False, "AFFINE": False, "MODULATE": False,
-                          "BLOCK": 8192, **kw}
+    flags = lambda **kw: {"HAS_RESIDUAL": False, "HAS_GATE": False, "AFFINE": False, "MODULATE": False, **kw}
     out = []
     chunk, nchunk, warps = RR.chunk_settings(5120)
     for dt in ("*bf16", "*fp32"):
@@ -58,12 +57,20 @@ def variants():
                 dict(HALF_D=1, HAS_K=False, HAS_ROPE=False, CHUNK=chunk, NCHUNK=nchunk), warps))
     out.append(("rms_norm_rope bf16 (old, row)", RR._rms_norm_rope_row_kernel, rope(bf),
                 dict(HALF_D=64, HAS_K=True, HAS_ROPE=True, BLOCK=8192), RR.row_settings(5120)[1]))
-    out.append(("layer_norm+mod fp32->bf16", LN._layer_norm_kernel, ln(f32, bf), flags(MODULATE=True), 16))
-    out.append(("layer_norm+mod bf16->bf16", LN._layer_norm_kernel, ln(bf, bf), flags(MODULATE=True), 16))
-    out.append(("layer_norm affine fp32->bf16", LN._layer_norm_kernel, ln(f32, bf), flags(AFFINE=True), 16))
-    out.append(("add+gate+layer_norm affine", LN._layer_norm_kernel, ln(f32, bf),
-                flags(HAS_RESIDUAL=True, HAS_GATE=True, AFFINE=True), 16))
-    out.append(("add+layer_norm+mod", LN._layer_norm_kernel, ln(f32, bf), flags(HAS_RESIDUAL=True, MODULATE=True), 16))
+    # layer_norm.py: the chunk kernel (default) with the launcher's settings, and the old row kernel
+    # with its own (4 warps without a residual, 8 with one).
+    ln_chunk = dict(CHUNK=chunk, NCHUNK=nchunk)
+    row_warps = RR.row_settings(5120)[1]
+    ln_cases = [("layer_norm+mod fp32->bf16", ln(f32, bf), flags(MODULATE=True)),
+                ("layer_norm+mod bf16->bf16", ln(bf, bf), flags(MODULATE=True)),
+                ("layer_norm affine fp32->bf16", ln(f32, bf), flags(AFFINE=True)),
+                ("add+gate+layer_norm affine", ln(f32, bf), flags(HAS_RESIDUAL=True, HAS_GATE=True, AFFINE=True)),
+                ("add+layer_norm+mod", ln(f32, bf), flags(HAS_RESIDUAL=True, MODULATE=True))]
+    for name, types, fl in ln_cases:
+        out.append((name, LN._layer_norm_kernel, types, {**fl, **ln_chunk}, warps))
+    for name, types, fl in ln_cases[::3]:
+        out.append((f"{name} (old, row)", LN._layer_norm_row_kernel, types, {**fl, "BLOCK": 8192},
+                    row_warps if fl["HAS_RESIDUAL"] else min(row_warps, 4)))
     out.append(("gated_residual", GR._gated_residual_kernel,
                 dict(X=f32, Y=bf, G=f32, OUT=f32, L="i32", C="i32", stride_xb="i32", stride_xl="i32",
                      stride_yb="i32", stride_yl="i32", stride_gb="i32"), dict(HAS_GATE=True, BLOCK=1024), 4))
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
     for name, fn, types, consts, warps in variants():
         info = compile_one(fn, types, consts, warps)
         failures += problems(name, info)
-        print(f"{name:30s} warps={warps:2d} regs={info['regs']} spill={info['spill_bytes']} "
+        print(f"{name:38s} warps={warps:2d} regs={info['regs']} spill={info['spill_bytes']} "
               f"converts={info['layout_converts']} smem={info['smem']} loads={info['loads']} stores={info['stores']}")
     for f in failures:
         print("PROBLEM", f)

@@ -113,3 +113,37 @@ def test_opcheck():
                           dict(weight=w, bias=bias))
     torch.library.opcheck(torch.ops.wanimate.add_layer_norm.default, (x, y, None, EPS, torch.bfloat16),
                           dict(scale=scale, shift=shift))
+
+
+# The chunked two-pass kernel with chunks smaller than the row: several chunks with a masked tail
+# (200 = 6 x 32 + 8 = 3 x 64 + 8), one partly masked chunk (256), an odd number of rows (3 x 7);
+# and the old whole-row kernel ("row"), kept for the benchmark. Every flag combination the model uses.
+@pytest.mark.parametrize("x_dtype", STREAMS)
+@pytest.mark.parametrize("variant,chunk", [("chunk", 32), ("chunk", 64), ("chunk", 256), ("row", None)])
+def test_variants_and_chunkings_match_reference(variant, chunk, x_dtype):
+    x, y, gate, scale, shift, w, bias = _inputs(3, 7, 200, x_dtype, seed=9 + (chunk or 0))
+    run = lambda *a, **kw: K._launch(*a, EPS, torch.bfloat16, variant=variant, chunk=chunk, **kw)
+    assert_matches(run(x, None, None, None, None, scale, shift)[1], K.layer_norm_ref, x, EPS, torch.bfloat16,
+                   scale=scale, shift=shift)
+    assert_matches(run(x, None, None, w, bias, None, None)[1], K.layer_norm_ref, x, EPS, torch.bfloat16, w, bias)
+    assert_matches(run(x, y, gate, w, bias, None, None), K.add_layer_norm_ref, x, y, gate, EPS, torch.bfloat16,
+                   w, bias)
+    assert_matches(run(x, y, None, None, None, scale, shift), K.add_layer_norm_ref, x, y, None, EPS,
+                   torch.bfloat16, scale=scale, shift=shift)
+
+
+@pytest.mark.parametrize("chunk", [64, None])
+def test_variance_is_stable_for_a_large_mean(chunk):
+    """Rows with mean 300 and std 1: a one-pass E[x^2] - mean^2 in fp32 is off by about 1e-2 in
+    the variance; the per-lane Welford merge stays at the fp32 rounding of the input."""
+    g = torch.Generator().manual_seed(10)
+    x = (300 + torch.randn(1, 5, 1000, generator=g)).to(DEVICE)
+    got = K._launch(x, None, None, None, None, None, None, EPS, torch.float32, chunk=chunk)[1]
+    want = K.layer_norm_ref(x.double(), EPS, torch.float64).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_unknown_variant_raises():
+    x = _inputs(1, 2, 64, torch.float32, seed=11)[0]
+    with pytest.raises(ValidationError, match="variant"):
+        K._launch(x, None, None, None, None, None, None, EPS, torch.bfloat16, variant="nope")
