@@ -146,12 +146,13 @@ def staged_run(est, image_path: Path, video_path: Path, mode: str, out_dir: Path
             for f, fp in zip(batch, found):
                 kps.append(fp.keypoints)
                 person.append(fp.person)
-                # masks stay in memory here (the pipeline keeps them as PNGs: a few ms a frame)
-                with st("masks"):
-                    if fp.mask is not None:
-                        masks[len(kps) - 1] = fp.mask
-                    elif selfie is not None:
-                        masks[len(kps) - 1] = selfie(f, fp.bbox)
+                if mode == "replace":
+                    # kept in memory here (the pipeline keeps them as PNGs: a few ms a frame)
+                    with st("masks"):
+                        if fp.mask is not None:
+                            masks[len(kps) - 1] = fp.mask
+                        elif selfie is not None:
+                            masks[len(kps) - 1] = selfie(f, fp.bbox)
         n = len(kps)
         with st("face"):
             metas = normalise_sequence(kps, work_w, work_h)
@@ -401,7 +402,7 @@ def ensure_weights(ckpt_dir: Path, seed: int = 0) -> float:
 
 # ------------------------------------------------------------------------ MediaPipe packing
 
-def pack_mediapipe(src: Path, out: Path, *, strip: bool = True) -> dict:
+def pack_mediapipe(src: Path, out: Path, *, strip: bool = True, preset: int = 6) -> dict:
     """A .tar.xz of what the embedded backend needs from mediapipe 0.10.21: its Python files
     (tests left out), native libraries (the bindings stripped of their symbol table when
     `strip` is found), graphs and the MEDIAPIPE_MODELS .tflite files. `src` is a wheel or a
@@ -435,7 +436,7 @@ def pack_mediapipe(src: Path, out: Path, *, strip: bool = True) -> dict:
         strip_bin = shutil.which("strip") if strip else None
         stripped = []
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(out, "w:xz", preset=6) as tar:
+        with tarfile.open(out, "w:xz", preset=preset) as tar:
             for p, rel in members:
                 if strip_bin and "_framework_bindings" in p.name:
                     copy = tmp / p.name
