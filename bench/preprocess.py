@@ -100,8 +100,23 @@ class Stages:
             yield x
 
 
+def make_clip(video: Path, n: int, dest: Path) -> Path:
+    """The first n frames of `video` as an H.264 file of the same size and rate (`video` itself
+    when it has no more). Rows run on whole clips: a decoder asked for a prefix of a video
+    stops mid-stream, which hung the decoder child now and then here (see the report)."""
+    from wanimate.engine.video import VideoWriter, iter_frames, probe_video
+
+    info = probe_video(video)
+    if n >= info.n_frames:
+        return Path(video)
+    with iter_frames(video) as stream, VideoWriter(dest, info.fps, info.width, info.height) as w:
+        for _, frame in zip(range(n), stream):
+            w.write(frame)
+    return Path(dest)
+
+
 def staged_run(est, image_path: Path, video_path: Path, mode: str, out_dir: Path, *,
-               max_frames: int, fps: float = 30, area_wh=(1280, 720), batch_size: int = 8,
+               max_frames: int | None = None, fps: float = 30, area_wh=(1280, 720), batch_size: int = 8,
                limits=None) -> dict:
     """The pipeline's steps (same functions, same order, same defaults) with a timer per stage.
     Returns {"frames", "seconds", "stages": {stage: s}, "person_rate", "mask_source"}."""
@@ -506,7 +521,7 @@ def run_row(backend: str, mode: str, args, ckpts: dict, e2e: bool) -> dict:
                 res = preprocess(args.image, args.video, tmp / "out", mode=mode,
                                  backend=backend.split("-")[0],
                                  ckpt_dir=ckpts.get(backend.split("-", 1)[-1]), fps=fps,
-                                 max_duration_s=args.frames / fps, progress=False,
+                                 progress=False,
                                  batch_size=args.batch_size, limits=limits)
             row.update(frames=res.n_frames, seconds=res.seconds, fps=res.throughput_fps,
                        pose_pass_fps=res.pose_fps, providers=res.providers, mask_source=res.mask_source,
@@ -526,14 +541,82 @@ def run_row(backend: str, mode: str, args, ckpts: dict, e2e: bool) -> dict:
             if backend == "embedded":         # MediaPipe tracks from frame to frame: start afresh
                 est.close()
                 est = _backend(backend, ckpts, mode, args.batch_size)
-            r = staged_run(est, args.image, args.video, mode, tmp, max_frames=args.frames,
-                           batch_size=args.batch_size, limits=limits)
+            r = staged_run(est, args.image, args.video, mode, tmp, batch_size=args.batch_size,
+                           limits=limits)
             providers = list(est.providers)
         finally:
             est.close()
     row.update(r, fps=r["frames"] / r["seconds"], providers=providers, gpu_used=_gpu_used(providers))
     row["stage_fps"] = {s: (r["frames"] / v if v > 0 else None) for s, v in r["stages"].items()}
     row["other_s"] = r["seconds"] - sum(r["stages"].values())
+    return row
+
+
+def _torch_networks(det_stages, vit: dict):
+    """The official-vith stand-ins as torch modules (same shapes and FLOPs): (detector, pose)."""
+    import torch
+    from torch import nn
+
+    layers, c_in = [], 3
+    for width, repeats in det_stages:
+        for r in range(repeats + 1):
+            layers += [nn.Conv2d(c_in if r == 0 else width, width, 3, 2 if r == 0 else 1, 1), nn.SiLU()]
+        c_in = width
+    det = nn.Sequential(*layers)
+
+    class ViTPose(nn.Module):
+        def __init__(self, dim, depth, heads, mlp, head_ch):
+            super().__init__()
+            self.patch = nn.Conv2d(3, dim, 16, 16)
+            self.pos = nn.Parameter(torch.randn(1, 192, dim) * 0.02)
+            block = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+            self.head = nn.Sequential(nn.ConvTranspose2d(dim, head_ch, 4, 2, 1), nn.ReLU(),
+                                      nn.ConvTranspose2d(head_ch, head_ch, 4, 2, 1), nn.ReLU(),
+                                      nn.Conv2d(head_ch, 133, 1))
+
+        def forward(self, x):                                        # [B, 3, 256, 192]
+            x = self.patch(x).flatten(2).transpose(1, 2) + self.pos  # [B, 192, dim]
+            x = self.norm(self.blocks(x))
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, 16, 12)    # [B, dim, 16, 12]
+            return self.head(x)                                      # [B, 133, 64, 48]
+
+    return det, ViTPose(**vit)
+
+
+def torch_networks_row(smoke: bool, batch: int = 8, repeats: int = 10) -> dict:
+    """What the official backend's two networks would cost on the GPU (torch, CUDA events,
+    batch `batch`, fp32 and fp16), for comparison with the ONNX Runtime CPU rows. Not part of
+    the pipeline: ONNX Runtime needs its CUDA or TensorRT EP for that."""
+    import torch
+    from wanimate.bench.timing import time_calls
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    det, pose = _torch_networks(SMOKE_DET if smoke else YOLO_M_STAGES, SMOKE_VIT if smoke else VIT_H)
+    row = {"backend": "torch-networks", "mode": "-", "what": "networks", "device": str(device),
+           "batch": batch, "pose_params_m": sum(p.numel() for p in pose.parameters()) / 1e6,
+           "det_params_m": sum(p.numel() for p in det.parameters()) / 1e6}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x_det = torch.rand(batch, 3, 640, 640, generator=g).to(device)
+    x_pose = torch.rand(batch, 3, 256, 192, generator=g).to(device)
+    for dtype in (torch.float32, torch.float16) if device.type == "cuda" else (torch.float32,):
+        name = str(dtype).split(".")[-1]
+        d, p_ = det.to(device, dtype).eval(), pose.to(device, dtype).eval()
+        with torch.inference_mode():
+            for key, net, x in (("det", d, x_det.to(dtype)), ("pose", p_, x_pose.to(dtype))):
+                for _ in range(2):
+                    out = net(x)
+                times = time_calls(lambda: net(x), device, 2 if smoke else repeats)
+                row[f"{key}_{name}_ms_per_frame"] = 1e3 * sorted(times)[len(times) // 2] / batch
+                if key == "pose":
+                    row["pose_out_shape"] = list(out.shape)
+        row[f"networks_{name}_fps"] = 1e3 / (row[f"det_{name}_ms_per_frame"] + row[f"pose_{name}_ms_per_frame"])
+    row["gpu_used"] = device.type == "cuda"
+    del det, pose
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -545,6 +628,10 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if "error" in r:
             print(f"{r['backend']:<14} {r['mode']:<8} {r['what']:<7} ERROR {r['error']}")
+            continue
+        if r["what"] == "networks":
+            print(f"{r['backend']:<14} {r['mode']:<8} {r['what']:<8} on {r['device']}, batch {r['batch']}: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if k.endswith(("_ms_per_frame", "_fps"))))
             continue
         n = max(r.get("frames", 0), 1)
         st = r.get("stages") or {}
@@ -578,12 +665,14 @@ def main(argv=None) -> dict:
     p.add_argument("--video", type=Path, default=REPO / "examples" / "drive.mp4")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--frames", type=int, default=None, help="frames per row (default: 106 = the whole "
-                   "example video; 24 for official-vith)")
-    p.add_argument("--vith-frames", type=int, default=24)
+    p.add_argument("--frames", type=int, default=None, help="frames per row (default: the whole "
+                   "video, 106 for the example; --vith-frames for official-vith)")
+    p.add_argument("--vith-frames", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--standins", type=Path, default=None,
                    help="folder from `standins` (built in a temporary folder when not given; needs onnx)")
+    p.add_argument("--torch-networks", choices=("auto", "yes", "no"), default="auto",
+                   help="time the vith stand-ins in torch too (auto: on CUDA, or with --smoke)")
     p.add_argument("--decode-timeout-s", type=float, default=120.0)
     p.add_argument("--e2e-backends", default="embedded",
                    help="backends that also get a preprocess() row ('' for none; official-vith is slow)")
@@ -626,26 +715,35 @@ def main(argv=None) -> dict:
     backends.sort(key=lambda b: order.get(b, 3))
     plan = [(b, m, False) for b in backends for m in modes]
     plan += [(b, m, True) for b in backends for m in modes if b in a.e2e_backends.split(",")]
+    if a.torch_networks == "yes" or (a.torch_networks == "auto" and (env["cuda"] or a.smoke)):
+        plan.insert(len([x for x in plan if x[0] in ("embedded", "official-vith") and not x[2]]),
+                    ("torch-networks", "-", False))
+    clips: dict[int, Path] = {}
+    clip_dir = Path(tempfile.mkdtemp(prefix="prep-clips-"))
     for b, m, e2e in plan:
         row_args = argparse.Namespace(**vars(a))
-        row_args.frames = 6 if a.smoke else (a.frames or (a.vith_frames if b == "official-vith" else 106))
+        n = 6 if a.smoke else (a.frames or (a.vith_frames if b == "official-vith" else 10 ** 9))
         if time.perf_counter() - t_start > a.budget_s:
             result["rows"].append({"backend": b, "mode": m, "what": "e2e" if e2e else "staged",
                                    "error": f"skipped: past --budget-s {a.budget_s}"})
             continue
         try:
-            row = run_row(b, m, row_args, ckpts, e2e)
+            if b != "torch-networks" and n not in clips:
+                clips[n] = make_clip(a.video, n, clip_dir / f"clip{n}.mp4")
+            row_args.video = clips.get(n)
+            row = torch_networks_row(a.smoke) if b == "torch-networks" else run_row(b, m, row_args, ckpts, e2e)
         except Exception as e:      # one broken row must not stop the others
             row = {"backend": b, "mode": m, "what": "e2e" if e2e else "staged",
                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
         result["rows"].append(row)
         print(f"  {b} {m} {row['what']}: " + (f"{row['fps']:.2f} frames/s ({row['frames']} frames)"
-                                             if "fps" in row else row["error"]), flush=True)
+                                             if "fps" in row else row.get("error", "done")), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, default=str))
     result["total_s"] = time.perf_counter() - t_start
     if tmp_root:
         shutil.rmtree(tmp_root, ignore_errors=True)
+    shutil.rmtree(clip_dir, ignore_errors=True)
     print()
     print_table(result["rows"])
     out.parent.mkdir(parents=True, exist_ok=True)

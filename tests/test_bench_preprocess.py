@@ -98,10 +98,23 @@ def test_weights_are_regenerated_when_missing_or_truncated(standins, tmp_path):
     assert files[1].stat().st_size == spec["bytes"]
 
 
-def _decoded(path: Path) -> np.ndarray:
+def test_make_clip_keeps_the_first_frames(tmp_path):
+    from wanimate.engine.video import probe_video
+    clip = bench.make_clip(VIDEO, 4, tmp_path / "c.mp4")
+    info, src = probe_video(clip), probe_video(VIDEO)
+    assert (info.n_frames, info.width, info.height, info.fps) == (4, src.width, src.height, src.fps)
+    first = _decoded(VIDEO, 4)
+    got = _decoded(clip)
+    assert got.shape == first.shape
+    # re-encoded at crf 18: close to the source, not identical
+    assert 0 < np.abs(got.astype(np.int16) - first).mean() < 3
+    assert bench.make_clip(VIDEO, 10 ** 6, tmp_path / "d.mp4") == VIDEO
+
+
+def _decoded(path: Path, n: int | None = None) -> np.ndarray:
     from wanimate.engine.video import iter_frames
     with iter_frames(path) as s:
-        return np.stack(list(s))
+        return np.stack([f for _, f in zip(range(n or 10 ** 9), s)])
 
 
 @pytest.mark.parametrize("mode", ["animate", "replace"])
@@ -110,16 +123,17 @@ def test_staged_run_writes_what_preprocess_writes(standins, tmp_path, mode):
     from wanimate.engine.preprocess import official as O
     from wanimate.engine.preprocess import preprocess
 
+    clip = bench.make_clip(VIDEO, 5, tmp_path / "clip.mp4")
     staged = tmp_path / "staged"
     staged.mkdir()
-    r = bench.staged_run(O.OfficialBackend(standins["tiny"]), IMAGE, VIDEO, mode, staged, max_frames=5)
+    r = bench.staged_run(O.OfficialBackend(standins["tiny"]), IMAGE, clip, mode, staged)
     assert r["frames"] == 5 and r["person_rate"] == 1.0
     assert sum(r["stages"].values()) <= r["seconds"]
     assert all(r["stages"][s] > 0 for s in ("decode", "pose", "face", "draw", "encode"))
     assert (r["stages"]["masks"] > 0) == (mode == "replace")
-    with pytest.warns(Warning):
-        res = preprocess(IMAGE, VIDEO, tmp_path / "e2e", mode=mode, backend="official",
-                         ckpt_dir=standins["tiny"], max_duration_s=5 / 30, progress=False)
+    with pytest.warns(Warning):     # shorter than a segment
+        res = preprocess(IMAGE, clip, tmp_path / "e2e", mode=mode, backend="official",
+                         ckpt_dir=standins["tiny"], progress=False)
     assert res.n_frames == 5 and r["mask_source"] == res.mask_source
     for name in ("src_pose.mp4", "src_face.mp4") + (("src_bg.mp4", "src_mask.mp4") if mode == "replace" else ()):
         np.testing.assert_array_equal(_decoded(staged / name), _decoded(res.out_dir / name))
