@@ -31,6 +31,16 @@ The GPU: none of these paths uses it unless ONNX Runtime has the CUDA EP. MediaP
 solutions run their *_cpu.binarypb graphs (TFLite + XNNPACK on the CPU) on Linux; the JSON
 records `gpu_used` per row from the providers that actually ran. Each row catches its own errors.
 Prints a table, writes JSON (after every row) to --out or $OUT/preprocess.json.
+
+On a machine without mediapipe or onnx (the lent GPU machine: Python 3.12, no internet), carry a
+git-ignored folder .mp312/ holding `pack-mediapipe` of the cp312 manylinux wheel
+(mediapipe-0.10.21-cp312-trim.tar.xz, ~20 MB: bindings stripped, the 8 .tflite files used),
+standins.tar.xz (`standins` output: graphs only, the ~2.5 GB of ViT-H weights are generated
+there) and a protobuf wheel used only if mediapipe fails to import with the machine's own:
+
+    M=/tmp/mp312; mkdir -p $M/site $M/st $M/pb; python -c "import tarfile; [tarfile.open(a).extractall(b, filter='data') for a, b in (('.mp312/mediapipe-0.10.21-cp312-trim.tar.xz', '$M/site'), ('.mp312/standins.tar.xz', '$M/st'))]"
+    export PYTHONPATH=$M/site:$PYTHONPATH
+    python -m wanimate.bench.preprocess --standins $M/st --vith-frames 16 --budget-s 100
 """
 from __future__ import annotations
 
@@ -476,6 +486,8 @@ def _env() -> dict:
         try:
             m = __import__(mod, fromlist=["__version__"])
             env[mod] = getattr(m, "__version__", "?")
+            if mod == "mediapipe":      # the installed wheel or a carried trimmed copy
+                env["mediapipe_dir"] = str(Path(m.__file__).parent)
         except Exception as e:      # a missing or broken package is a finding, not a failure
             env[mod] = f"unavailable ({type(e).__name__}: {e})"
     try:
