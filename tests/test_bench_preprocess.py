@@ -153,7 +153,12 @@ def test_bench_smoke_rows(tmp_path):
     want = {(b, m) for b in backends.split(",") for m in ("animate", "replace")}
     assert {(r["backend"], r["mode"]) for r in rows if r["what"] == "staged"} == want
     assert sum(r["what"] == "e2e" for r in rows) == 2
+    nets = [r for r in rows if r["what"] == "networks"]      # --smoke: toy nets on the CPU
+    assert len(nets) == 1 and nets[0]["pose_out_shape"] == [8, 133, 64, 48]
+    assert nets[0]["pose_float32_ms_per_frame"] > 0 and nets[0]["gpu_used"] is False
     for r in rows:
+        if r in nets:
+            continue
         assert r["frames"] == 6 and r["fps"] > 0
         assert r["gpu_used"] == res["env"]["ort_cuda_ep"] or r["backend"] == "embedded"
         if r["what"] == "staged":
