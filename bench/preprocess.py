@@ -297,7 +297,6 @@ class _Graph:
         return out
 
     def save(self, folder: Path, fname: str, inp, inp_shape, out, out_shape, out_name: str) -> Path:
-        import onnx
         from onnx import TensorProto
         self.nodes.append(self.h.make_node("Identity", [out], [out_name]))
         graph = self.h.make_graph(
