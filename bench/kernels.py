@@ -16,8 +16,8 @@ memory and goes on; the JSON is rewritten after each row, so a timeout keeps wha
 3. dit: one WanAnimate 14B forward, random bf16 weights built on the GPU (meta -> to_empty ->
    normal_(0, 0.02) / ones / zero bias, as shared/baselines/bench_diffusers.py does), inputs as
    that script's (77 frames of 512x512 face crops, 512 text tokens, 257 CLIP tokens): kernels off,
-   kernels with the old rms_norm_rope kernel and separate q/k/v, the new kernel with separate q/k/v,
-   kernels + fused qkv (the default of use_kernels), + the GELU epilogue, kernels (denoise only),
+   kernels with the old whole-row norm kernels and separate q/k/v, the new kernels with separate
+   q/k/v, + fused qkv, + the GELU epilogue (= use_kernels' fast path), kernels (denoise only),
    kernels + CUDA graph (denoise only), kernels + compile_blocks.
 4. diffusers: WanAnimateTransformer3DModel eager and with compile_repeated_blocks (if importable),
    same inputs and weight scheme; run before part 3, so that a time limit cuts wanimate's compile
@@ -525,17 +525,19 @@ def rel_l2(a, ref) -> float:
 
 @contextlib.contextmanager
 def rms_norm_rope_variant(variant: str):
-    """Run the wanimate::rms_norm_rope / rms_norm ops with another kernel variant ("row": the old
-    whole-row kernel) inside the block: a bench-only switch for the old-vs-new DiT rows, restored
-    on exit (the engine has no such setting)."""
+    """Run the wanimate::rms_norm_rope / rms_norm and layer_norm / add_layer_norm ops with another
+    kernel variant ("row": the old whole-row kernels) inside the block: a bench-only switch for the
+    old-vs-new DiT rows, restored on exit (the engine has no such setting)."""
+    from wanimate.kernels import layer_norm as LN
     from wanimate.kernels import rms_norm_rope as RR
-    defaults = RR._launch.__kwdefaults__
-    saved = defaults["variant"]
-    defaults["variant"] = variant
+    saved = [(fn, fn.__kwdefaults__["variant"]) for fn in (RR._launch, LN._launch)]
+    for fn, _ in saved:
+        fn.__kwdefaults__["variant"] = variant
     try:
         yield
     finally:
-        defaults["variant"] = saved
+        for fn, value in saved:
+            fn.__kwdefaults__["variant"] = value
 
 
 def bench_wanimate(b: Bench, sizes):
@@ -573,13 +575,13 @@ def bench_wanimate(b: Bench, sizes):
         x = make_inputs(b, cfg, size)
         use_kernels(model, on=False)
         row("wanimate reference", size, x, lambda: forward(x), keep_ref=True)
-        if not use_kernels(model, fuse_projections=False):
+        if not use_kernels(model, fuse_projections=False, gelu_epilogue=False):
             print("  triton not importable: kernel rows would run the reference; skipped", flush=True)
             continue
         if "old" not in b.args.skip_rows:
             # The fast path as it was before issue 5's second round, then with the new kernel alone.
             with rms_norm_rope_variant("row"):
-                row("wanimate kernels [old rms_norm_rope, q/k/v]", size, x, lambda: forward(x), ref_key=size)
+                row("wanimate kernels [old row kernels, q/k/v]", size, x, lambda: forward(x), ref_key=size)
             row("wanimate kernels [q/k/v separate]", size, x, lambda: forward(x), ref_key=size)
 
         def fuse():
@@ -590,13 +592,10 @@ def bench_wanimate(b: Bench, sizes):
             return {"fused": len(names), "fuse_s": round(time.perf_counter() - t0, 2),
                     "allocated_change_gib": round((after - before) / 2**30, 3)}
         b.guarded("dit", {"row": "fuse_qkv (use_kernels default)", "size": size}, fuse)
-        row("wanimate kernels", size, x, lambda: forward(x), ref_key=size)
         if "gelu" not in b.args.skip_rows:
-            use_gelu_epilogue(model)
-            try:
-                row("wanimate kernels + gelu epilogue", size, x, lambda: forward(x), ref_key=size)
-            finally:
-                use_gelu_epilogue(model, on=False)
+            row("wanimate kernels [no gelu epilogue]", size, x, lambda: forward(x), ref_key=size)
+        use_gelu_epilogue(model)                         # now exactly use_kernels(model)'s fast path
+        row("wanimate kernels", size, x, lambda: forward(x), ref_key=size)
         with torch.no_grad():
             conds[size] = cond = model.prepare(x["y"], x["pose"], x["face"], x["text"], x["clip"])
         if "denoise" not in b.args.skip_rows:
@@ -769,8 +768,8 @@ def summarize(b: Bench):
     if fused:
         t["kernels_min_of_copy"] = min(k["of_copy"] for k in fused)
         t["kernels_below_target"] = sorted({k["kernel"] for k in fused if k["of_copy"] < TARGET_KERNEL_FRACTION})
-    for name in ("wanimate kernels [old rms_norm_rope, q/k/v]", "wanimate kernels [q/k/v separate]",
-                 "wanimate kernels", "wanimate kernels + gelu epilogue", "wanimate kernels + compile_blocks"):
+    for name in ("wanimate kernels [old row kernels, q/k/v]", "wanimate kernels [q/k/v separate]",
+                 "wanimate kernels [no gelu epilogue]", "wanimate kernels", "wanimate kernels + compile_blocks"):
         row = next((d for d in r["dit"] if d.get("row") == name and d.get("what") == "forward"
                     and d.get("size") == "480p" and "median_s" in d), None)
         if row and "480p" in base:

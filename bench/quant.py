@@ -302,12 +302,13 @@ def bench_actquant(b: Bench, sizes):
         for k in ((5120, 13824) if b.cuda else (320,)):
             x = torch.randn(m, k, device=b.device, generator=torch.Generator(device=b.device).manual_seed(k)).to(torch.bfloat16)
             nbytes = m * k * (x.element_size() + 1) + m * 4
-            default = quant_act.launch_config(k)
-            settings = [("previous kernel (fp32 row, 16 warps)", dict(rows=1, num_warps=16, early_f32=True)),
-                        (f"default {default}", {})]
-            settings += [(f"rows={r}, warps={w}", dict(rows=r, num_warps=w))
-                         for r, w in ((1, 4), (1, 16), (2, 8), (2, 16))]
-            settings.append(("fused gelu + quant (default)", dict(gelu=True)))
+            settings = [("first kernel (row, fp32, 16 warps)", dict(variant="row", rows=1, num_warps=16, early_f32=True)),
+                        (f"row kernel {quant_act.launch_config(k)}", dict(variant="row")),
+                        ("default (chunk %d, %d warps)" % (quant_act.CHUNK, quant_act.CHUNK_WARPS), {})]
+            settings += [(f"chunk={c}, warps={w}", dict(variant="chunk", chunk=c, num_warps=w))
+                         for c, w in ((1024, 4), (1024, 8), (4096, 8), (2048, 4))]
+            settings += [("fused gelu + quant, row kernel", dict(variant="row", gelu=True)),
+                         ("fused gelu + quant (default)", dict(gelu=True))]
             ref_q = per_token_quant_ref(x, False)[0].view(torch.uint8)
             for name, kw in settings:
                 def measure(kw=kw):

@@ -145,14 +145,15 @@ class AttnConfig:
 _FLAGS = ("tma", "pipe", "ws", "poly", "qk8", "fa3", "acc1")      # spec suffixes, in this order; 'r<N>' is maxnreg
 
 
-# Per (kernel, compute capability major). Not yet measured on a GPU: chosen from an offline sm_90
-# compile (triton 3.6 and 3.9, `python -m wanimate.bench.attention --sections compile`): no
-# register spills, fewest instructions per key tile. BLOCK_M 128 over 8 warps puts 64 query rows
-# on each warpgroup (one wgmma M tile each). sage 128x128 with pointer loads sits at 253-255
-# registers; with TMA descriptors at ~180. bench/attention.py's sweep times all candidates on the
-# GPU and prints `chosen_config`; put the winners here (or pin one per run: 'sage:128x64x8x3').
+# Per (kernel, compute capability major), from the GPU sweeps (bench/attention.py --sections sweep,
+# bench/results/attention_variants_h200.log, H200, triton 3.6): sage at 75,600 tokens 64x128x4x3
+# with TMA and one-level P·V accumulation (acc1) 804 TFLOP/s-eq = 1.40x SDPA, the same config with
+# two-level accumulation 781, 128x128x8x3xtma 654; same error (rel L2 0.62% vs fp32 either way).
+# One warpgroup per program lets two or three programs share an SM, so one's softmax overlaps
+# another's MMAs, which Triton cannot arrange inside one program (the `pipe`/`fa3` variants).
+# triton bf16: 128x64x8x3 (507 TFLOP/s, attention_h200.log). sm_80 rows are offline choices.
 DEFAULT_CONFIGS: Mapping[tuple[str, int], AttnConfig] = MappingProxyType({
-    ("sage", 9): AttnConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, tma=True),
+    ("sage", 9): AttnConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, tma=True, acc1=True),
     ("triton", 9): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     ("sage", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
     ("triton", 8): AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),

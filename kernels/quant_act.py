@@ -1,4 +1,4 @@
-"""Per-token activation quantization for the FP8 and INT8 linears (quant/): one pass over x.
+"""Per-token activation quantization for the FP8 and INT8 linears (quant/): one read of x from DRAM.
 
 The math is `per_token_quant_ref` (quant/act.py, imported here as this kernel's reference; it lives
 there so that the CPU emulation needs no triton): per row, amax -> scale = amax / QMAX, and
@@ -11,8 +11,10 @@ Why a kernel: the reference in eager PyTorch makes five or six passes over x, tw
 element (~0.12 ms at 4 TB/s). bench/quant.py times both, and the launch settings (its actquant part).
 The first version (fp32 row, 16 warps, one row per program) ran at ~1.35 TB/s on an H200: the row
 in fp32 plus the rounding temporaries left room for about one program per SM, so loads, the
-reduction and the stores did not overlap. The row is now held in its own dtype until the amax is
-known, with 8 warps (launch_config).
+reduction and the stores did not overlap. Holding the row in its own dtype with 8 warps did not
+help (~1.5 TB/s whatever the warps or rows per program, bench/results/quant_h200_policy.log), so
+rows of the DiT's widths now go through a two-pass chunked kernel (the design that took
+rms_norm_rope from 0.60 to 0.86 of the copy ceiling): few registers, many rows in flight per SM.
 
 `gelu_per_token_quant` is the same pass over GELU(tanh)(x): the FFN's hidden activation goes from
 the up-projection's output to the down GEMM's e4m3 input without writing the GELU output.
@@ -70,6 +72,18 @@ def _gelu_tanh(x):
 
 
 @triton.jit
+def _gelu_rounded(x, dtype: tl.constexpr):
+    """gelu_tanh(x) rounded to x's dtype (bf16 or fp32), as the unfused GELU module's output would be.
+    The rounding to bf16 is done by hand (half to even on the integer view) because the interpreter
+    truncates fp32 -> bf16; the result then converts exactly on every backend."""
+    g = _gelu_tanh(x.to(tl.float32))
+    if dtype == tl.bfloat16:
+        bits = g.to(tl.int32, bitcast=True)
+        g = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return g.to(dtype)
+
+
+@triton.jit
 def _per_token_quant_kernel(
     X,                      # [M, K] input, row stride stride_xm, unit column stride
     Q,                      # [M, K] output, int8 or float8e4nv, contiguous
@@ -89,14 +103,7 @@ def _per_token_quant_kernel(
     mask = rmask[:, None] & (cols < K)[None, :]
     x = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     if GELU:
-        # Rounded to the input dtype (bf16 or fp32), as the unfused GELU module's output would be.
-        # The rounding to bf16 is done by hand (half to even on the integer view) because the
-        # interpreter truncates fp32 -> bf16; the result then converts exactly on every backend.
-        g = _gelu_tanh(x.to(tl.float32))
-        if X.dtype.element_ty == tl.bfloat16:
-            bits = g.to(tl.int32, bitcast=True)
-            g = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-        x = g.to(X.dtype.element_ty)
+        x = _gelu_rounded(x, X.dtype.element_ty)
     if EARLY_F32:
         x = x.to(tl.float32)
     # The row stays in registers in its own dtype (bf16: half the registers of fp32) across the
@@ -111,6 +118,42 @@ def _per_token_quant_kernel(
     tl.store(S + rows, tl.math.div_rn(amax, limit), mask=rmask)
 
 
+@triton.jit
+def _per_token_quant_chunk_kernel(
+    X, Q, S, M, K, stride_xm,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+    CHUNK: tl.constexpr,    # columns per step (a power of two)
+    NCHUNK: tl.constexpr,   # cdiv(K, CHUNK)
+    GELU: tl.constexpr,
+):
+    """One row in two passes over CHUNK-column chunks (the design of kernels/rms_norm_rope.py):
+    pass 1 loads every chunk and keeps a per-lane max of |x|; pass 2 re-reads each chunk (from
+    L1/L2: the row was just read) and writes it quantized. Few registers per program, so many rows
+    are in flight per SM, which is what the whole-row kernel above lacked (~1.5 TB/s on an H200
+    whatever its warps or rows per program). Same values as the whole-row kernel: the max is exact
+    in any order and the rest is elementwise."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, CHUNK)
+    acc = tl.zeros([CHUNK], dtype=tl.float32)
+    for i in tl.static_range(NCHUNK):
+        cols = i * CHUNK + offs
+        x = tl.load(X + row * stride_xm + cols, mask=cols < K, other=0.0)
+        if GELU:
+            x = _gelu_rounded(x, X.dtype.element_ty)
+        acc = tl.maximum(acc, tl.abs(x).to(tl.float32))
+    amax = tl.maximum(tl.max(acc, axis=0), 1e-12)
+    limit = QMAX + tl.zeros([1], tl.float32)          # a tensor: div_rn takes no python scalar
+    inv = tl.math.div_rn(limit, amax + tl.zeros([1], tl.float32))
+    for i in tl.static_range(NCHUNK):
+        cols = i * CHUNK + offs
+        x = tl.load(X + row * stride_xm + cols, mask=cols < K, other=0.0)
+        if GELU:
+            x = _gelu_rounded(x, X.dtype.element_ty)
+        q = _round_to_grid(x.to(tl.float32) * inv, QMAX, IS_INT8)
+        tl.store(Q + row * K + cols, q.to(Q.dtype.element_ty), mask=cols < K)
+    tl.store(S + row + tl.arange(0, 1), tl.math.div_rn(amax + tl.zeros([1], tl.float32), limit))
+
+
 def launch_config(k: int) -> dict:
     """BLOCK, ROWS and num_warps for rows of length k: 8 warps over a whole row (BLOCK >= 4096:
     16-32 bf16 values per thread, two to four 16-byte loads), several rows per program for short
@@ -121,16 +164,35 @@ def launch_config(k: int) -> dict:
     return {"BLOCK": block, "ROWS": rows, "num_warps": num_warps}
 
 
-def per_token_quant_triton(x: torch.Tensor, int8: bool, *, gelu: bool = False, rows: int | None = None,
-                           num_warps: int | None = None, early_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (q, scale [M, 1]); gelu: quantize gelu_tanh(x) instead. rows/num_warps/early_f32
-    override launch_config (benchmark sweeps; every setting gives the same bits)."""
+# The two-pass chunked kernel for rows of at least this many columns (all of the DiT's linears):
+# 2048 columns over 8 warps, one 16-byte bf16 vector per thread per chunk. Shorter rows use the
+# whole-row kernel, which packs several rows into one program.
+CHUNK_MIN_K, CHUNK, CHUNK_WARPS = 2048, 2048, 8
+
+
+def per_token_quant_triton(x: torch.Tensor, int8: bool, *, gelu: bool = False, variant: str | None = None,
+                           rows: int | None = None, num_warps: int | None = None, chunk: int | None = None,
+                           early_f32: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q, scale [M, 1]); gelu: quantize gelu_tanh(x) instead. variant "chunk" (two passes
+    over column chunks; the default for K >= CHUNK_MIN_K) or "row" (the whole row in registers);
+    rows / num_warps / chunk / early_f32 override the launch settings (benchmark sweeps; every
+    setting gives the same bits)."""
     m, k = x.shape
     if gelu and x.dtype not in (torch.bfloat16, torch.float32):
         raise TypeError(f"the fused GELU takes bf16 or fp32 input, got {x.dtype}")
+    variant = variant or ("chunk" if k >= CHUNK_MIN_K else "row")
+    if variant not in ("chunk", "row"):
+        raise ValueError(f"per_token_quant variant must be 'chunk' or 'row', got {variant!r}")
     q = torch.empty((m, k), dtype=torch.int8 if int8 else FP8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
+        return q, scale
+    qmax = INT8_MAX if int8 else FP8_MAX
+    if variant == "chunk":
+        c = chunk or min(CHUNK, triton.next_power_of_2(k))
+        _per_token_quant_chunk_kernel[(m,)](x, q, scale, m, k, x.stride(0), QMAX=qmax, IS_INT8=int8, CHUNK=c,
+                                            NCHUNK=triton.cdiv(k, c), GELU=gelu,
+                                            num_warps=num_warps or min(CHUNK_WARPS, max(1, c // 256)))
         return q, scale
     cfg = launch_config(k)
     if rows is not None:
@@ -138,7 +200,7 @@ def per_token_quant_triton(x: torch.Tensor, int8: bool, *, gelu: bool = False, r
     if num_warps is not None:
         cfg["num_warps"] = num_warps
     grid = (triton.cdiv(m, cfg["ROWS"]),)
-    _per_token_quant_kernel[grid](x, q, scale, m, k, x.stride(0), QMAX=INT8_MAX if int8 else FP8_MAX,
+    _per_token_quant_kernel[grid](x, q, scale, m, k, x.stride(0), QMAX=qmax,
                                   IS_INT8=int8, EARLY_F32=early_f32, GELU=gelu, **cfg)
     return q, scale
 

@@ -275,6 +275,11 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, *, variant="chunk", chunk=N
         _rms_norm_rope_row_kernel[(b * l,)](*args, HALF_D=half, HAS_K=has_k, HAS_ROPE=has_rope, BLOCK=block,
                                             num_warps=num_warps or warps)
     elif variant == "chunk":
+        if chunk is None and num_warps is None and c >= 4096:
+            # Measured on an H200 at 480p (bench/results/kernels_h200_qkv.log, the chunk x warps
+            # sweep): q and k together are fastest at 1024 columns over 8 warps (0.86 of the copy
+            # ceiling vs 0.74 at 4 warps), a lone q (the cross-attention rms_norm) at 2048 over 8 (0.84).
+            chunk, num_warps = (1024 if has_k else 2048), 8
         chunk, nchunk, warps = chunk_settings(c, chunk, num_warps)
         _rms_norm_rope_kernel[(b * l,)](*args, HALF_D=half, HAS_K=has_k, HAS_ROPE=has_rope, CHUNK=chunk,
                                         NCHUNK=nchunk, num_warps=warps)

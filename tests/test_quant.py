@@ -74,6 +74,28 @@ def test_per_token_quant_kernel_settings_bit_exact(rows, num_warps, early_f32):
         assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("chunk,num_warps", [(None, None), (256, 2), (128, 4)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_per_token_quant_chunk_kernel_matches_row_kernel(chunk, num_warps, gelu):
+    """The two-pass chunked kernel against the whole-row kernel (itself pinned to the reference
+    above): same bits, with a K that leaves a masked last chunk, several chunks, and the fused GELU."""
+    pytest.importorskip("triton")
+    from wanimate.kernels import quant_act
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(5, 700, generator=g) * torch.logspace(-3, 3, 5)[:, None]).to(torch.bfloat16).to(DEVICE)
+    x[2] = 0
+    x[3, 699] = 50 * x[3].abs().max()                     # the outlier sits in the masked last chunk
+    for int8 in (False, True):
+        q, s = quant_act.per_token_quant_triton(x, int8, gelu=gelu, variant="chunk", chunk=chunk, num_warps=num_warps)
+        q_row, s_row = quant_act.per_token_quant_triton(x, int8, gelu=gelu, variant="row")
+        assert torch.equal(_bits(q), _bits(q_row)) and torch.equal(s, s_row)
+        if not gelu:
+            q_ref, s_ref = per_token_quant_ref(x, int8)
+            assert torch.equal(_bits(q), _bits(q_ref)) and torch.equal(s, s_ref)
+    with pytest.raises(ValueError, match="variant"):
+        quant_act.per_token_quant_triton(x, False, variant="tiles")
+
+
 def test_launch_config_covers_rows_and_short_rows():
     pytest.importorskip("triton")
     from wanimate.kernels import quant_act
