@@ -2,7 +2,7 @@
 
     python bench/quant.py [--out FILE] [--sizes 480p,720p] [--schemes bf16,fp8,int8_wo,int8,nf4]
                           [--parts checks,gemm,dit] [--reps 3] [--reps-720p 2]
-                          [--with-kernels] [--kernel auto|no_triton]
+                          [--with-kernels] [--kernel auto|no_triton] [--policies P0,P1,...]
     python bench/quant.py --smoke            # CPU, toy sizes: the same code path end to end
     # issue 7 in ~2 minutes: act-quant bandwidth, GEMMs, and the 480p step rows bf16 / fp8 with SDPA and sage
     python bench/quant.py --sizes 480p --parts checks,gemm,actquant,dit --schemes bf16,fp8,fp8+sage,bf16+sage \
@@ -31,6 +31,14 @@ rewritten after each row, so a timeout keeps what was measured):
    and [32760, 13824]: the previous kernel's setting, the default launch config, a small sweep, and
    the fused GELU(tanh) + quant.
    DiT rows named "<scheme>+sage" run the self-attention on --sage-backend (INT8 Q.K / FP8 P.V).
+
+--policies P1,P2,...: for every fp8/int8 DiT scheme in --schemes (e.g. fp8+sage), extra rows
+"fp8+sage[P1]" etc. quantized with the named policy presets of quant/config.py POLICIES (P1: + FFN
+fc1/fc2 int8_wo_cs, P2: + self-attn o, P3: + self-attn q/k/v/o, P4: P1 + P2, P5: first/last block
+bf16 (18.39 GB: over budget)). P0 is the default policy, i.e. the plain row (run once, not twice).
+The summary prints a policy table: step, speedup and rel L2 vs bf16 + SDPA, weights, targets met.
+# the issue-7 policy comparison (~2 minutes): bf16, the default fp8+sage, and four policies
+python bench/quant.py --sizes 480p --parts dit --schemes bf16,fp8+sage --policies P0,P1,P2,P3,P4 --with-kernels --reps 3
 
 Targets (issue 7), all at 480p in one run against the bf16 + SDPA row: the full FP8/INT8 path
 (fp8+sage: FP8 linears + sage self-attention) denoise step >= 1.25x faster; FP8 DiT weights
@@ -366,28 +374,76 @@ def make_inputs(b: Bench, cfg, size: str) -> dict:
 
 def build_random_dit(b: Bench, cfg, seed: int = 0):
     """The DiT in bf16 on the device with seeded random weights (the same every call) and outlier
-    channels (quant/report.py random_dit, inject_outliers). With --with-kernels, the fused norm /
-    RoPE / residual kernels (engine/transforms.py use_kernels, issue 5) when that module exists."""
+    channels (quant/report.py random_dit, inject_outliers)."""
     from wanimate.quant.report import inject_outliers, random_dit
     model = random_dit(cfg, seed=seed, device=b.device)
     inject_outliers(model, seed=seed)
-    if b.args.with_kernels:
-        try:
-            from wanimate.engine.transforms import use_kernels
-        except ImportError:
-            b.results["env"]["with_kernels"] = "engine/transforms.py use_kernels not in this tree: rows run without"
-        else:
-            b.results["env"]["with_kernels"] = bool(use_kernels(model, on=True))
     return model
+
+
+def apply_kernels(b: Bench, model) -> dict:
+    """With --with-kernels, the fused norm / RoPE / residual kernels and the fused self-attention qkv
+    (engine/transforms.py use_kernels, issue 5) when that module exists. Called after quantize_, the
+    runtime's order (runner.py): the policy's q/k/v/o patterns must see the separate linears, and a
+    block whose q/k/v end up with different schemes (or int8_wo_cs, not fusable) keeps three GEMMs;
+    the row says how many blocks were fused and why the others were not."""
+    if not b.args.with_kernels:
+        return {}
+    try:
+        from wanimate.engine.transforms import qkv_unfusable, use_kernels
+    except ImportError:
+        b.results["env"]["with_kernels"] = "engine/transforms.py use_kernels not in this tree: rows run without"
+        return {}
+    b.results["env"]["with_kernels"] = bool(use_kernels(model, on=True))
+    attns = [m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "o")]
+    out = {"qkv_fused_blocks": f"{sum(a.qkv is not None for a in attns)}/{len(attns)}"}
+    why = next((qkv_unfusable(a) for a in attns if a.qkv is None), None)
+    if why:
+        out["qkv_not_fused_because"] = why
+    return out
+
+
+def _split_policy(scheme: str) -> tuple[str, str | None]:
+    """"fp8+sage[P1]" -> ("fp8+sage", "P1")."""
+    if scheme.endswith("]") and "[" in scheme:
+        base, _, policy = scheme[:-1].partition("[")
+        return base, policy
+    return scheme, None
+
+
+def expand_policies(schemes: list[str], policies: list[str]) -> list[str]:
+    """Every fp8/int8 scheme row (with any /kernel, +edge, +sage suffix) followed by its policy rows;
+    P0 (the default policy) is the plain row itself, so it is not run twice."""
+    from wanimate.quant.config import ACTIVATION_SCHEMES, POLICIES
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown --policies {unknown}; choose from {sorted(POLICIES)}")
+    out = []
+    for s in schemes:
+        out.append(s)
+        if _split_sage(s)[0].partition("/")[0].partition("+edge")[0] in ACTIVATION_SCHEMES:
+            out += [f"{s}[{p}]" for p in policies if p != "P0"]
+    return out
 
 
 def _split_sage(scheme: str) -> tuple[str, bool]:
     return (scheme[:-len("+sage")], True) if scheme.endswith("+sage") else (scheme, False)
 
 
+def _scheme_counts(model) -> dict:
+    """How many linears of each scheme the model holds (a policy row's check that it took effect)."""
+    from wanimate.quant import QuantLinear
+    counts: dict = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            counts[m.scheme] = counts.get(m.scheme, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def bench_dit(b: Bench, sizes, schemes):
     torch = b.torch
     from wanimate.quant import QuantConfig, quantize_, weight_bytes
+    from wanimate.quant.config import policy_config
     cfg = dit_config(b)
     refs: dict[str, object] = {}
     for scheme in schemes:
@@ -402,12 +458,18 @@ def bench_dit(b: Bench, sizes, schemes):
             built = time.perf_counter() - t0
             t0 = time.perf_counter()
             # "fp8/no_triton": a per-row kernel choice; "fp8+edge1": first and last block kept in bf16;
-            # "+sage": the self-attention on the sage backend (INT8 QK / FP8 PV, engine/attention.py)
-            name, sage = _split_sage(scheme)
+            # "+sage": the self-attention on the sage backend (INT8 QK / FP8 PV, engine/attention.py);
+            # "[P1]": a policy preset of quant/config.py POLICIES (its keep_edge_blocks, unless +edge)
+            name, policy = _split_policy(scheme)
+            name, sage = _split_sage(name)
             name, _, kernel = name.partition("/")
             name, _, edge = name.partition("+edge")
-            qcfg = QuantConfig(name, kernel=kernel or b.kernel, keep_edge_blocks=int(edge or 0)) if name != "bf16" else None
+            qcfg = None
+            if name != "bf16":
+                fields = {"kernel": kernel or b.kernel, **({"keep_edge_blocks": int(edge)} if edge else {})}
+                qcfg = policy_config(policy, name, **fields) if policy else QuantConfig(name, **fields)
             names = quantize_(model, qcfg) if qcfg else []
+            fused = apply_kernels(b, model)
             if sage:
                 from wanimate.engine.attention import set_attention_backend
                 set_attention_backend(model, b.args.sage_backend, which=("self",))
@@ -415,7 +477,8 @@ def bench_dit(b: Bench, sizes, schemes):
             nbytes = weight_bytes(model)
             return {"build_s": round(built, 1), "quantize_s": round(time.perf_counter() - t0, 1),
                     "quantized_linears": len(names), "weight_gb": round(nbytes / 1e9, 2),
-                    "weight_gib": round(nbytes / 2**30, 2)}
+                    "weight_gib": round(nbytes / 2**30, 2), **fused,
+                    **({"schemes": _scheme_counts(model)} if policy else {})}
         row = b.guarded("dit", {"scheme": scheme, "what": "build + quantize"}, build)
         if "error" in row:
             state.clear()
@@ -453,13 +516,50 @@ def bench_dit(b: Bench, sizes, schemes):
 # ----------------------------------------------------------------------------------------------
 
 
+def policy_table(b: Bench, dit: list, built: dict, base: dict, summary: dict) -> list[str]:
+    """The --policies comparison: each policy row and its base row (P0, the default) against the
+    issue-7 targets (speedup >= 1.25 vs bf16 + SDPA, rel L2 <= 3%, weights <= 18 GB). Failed rows
+    are listed with their error."""
+    policies = [p for p in b.args.policies.split(",") if p]
+    if not policies:
+        return []
+    from wanimate.quant.config import POLICIES
+    lines = ["", "policies (quant/config.py POLICIES; P0 = the default = the plain row; targets: speedup >= "
+             f"{TARGETS['fp8_speedup_480p']}, rel L2 <= {TARGETS['output_rel_l2']}, weights <= {TARGETS['fp8_weight_gb']} GB)",
+             f"{'row':16} {'size':5} {'step s':>8} {'vs bf16':>8} {'rel L2':>8} {'weights GB':>10} {'qkv fused':>9}  all met"]
+    ok_rows = {(r["scheme"], r["size"]): r for r in dit}
+    failed = [r for r in b.results["dit"] if "error" in r]
+    bases = sorted({_split_policy(r["scheme"])[0] for r in b.results["dit"] if _split_policy(r["scheme"])[1]})
+    for base_scheme in bases:
+        for p in policies:
+            scheme = base_scheme if p == "P0" else f"{base_scheme}[{p}]"
+            label = f"{base_scheme}[{p}]"
+            for size in [s for s in SIZES if any(k == (scheme, s) for k in ok_rows)] or ["-"]:
+                r = ok_rows.get((scheme, size))
+                err = next((f["error"] for f in failed if f["scheme"] == scheme), None)
+                if r is None:
+                    lines.append(f"{label:16} {size:5} error: {(err or 'not run')[:80]}")
+                    continue
+                speed = base.get(size, float("nan")) / r["denoise_median_s"]
+                gb = built.get(scheme, {}).get("weight_gb", float("nan"))
+                l2 = r.get("rel_l2_vs_bf16", float("nan"))
+                met = (speed >= TARGETS["fp8_speedup_480p"] and l2 <= TARGETS["output_rel_l2"]
+                       and gb <= TARGETS["fp8_weight_gb"])
+                summary[f"policy_{label}_{size}"] = {"step_s": r["denoise_median_s"], "speedup": round(speed, 3),
+                                                     "rel_l2": l2, "weight_gb": gb, "all_met": met,
+                                                     "overrides": POLICIES[p]}
+                lines.append(f"{label:16} {size:5} {r['denoise_median_s']:8.3f} {speed:8.3f} {l2:8.4f} {gb:10.2f} "
+                             f"{built.get(scheme, {}).get('qkv_fused_blocks', '-'):>9}  {'MET' if met else 'no'}")
+    return lines
+
+
 def summarize(b: Bench):
     dit = [r for r in b.results["dit"] if r.get("what") == "denoise" and "error" not in r]
     built = {r["scheme"]: r for r in b.results["dit"] if r.get("what") == "build + quantize" and "error" not in r}
     base = {r["size"]: r["denoise_median_s"] for r in dit if r["scheme"] == "bf16"}
     lines = ["", "DiT denoise step (random 14B weights with outlier channels, default policy; '+sage': self-attention "
              f"on {b.args.sage_backend}; vs bf16 and rel L2 against the bf16 + SDPA row)",
-             f"{'scheme':10} {'size':5} {'tokens':>7} {'step s':>8} {'vs bf16':>8} {'rel L2':>9} {'peak GiB':>9} {'weights GB':>10}"]
+             f"{'scheme':14} {'size':5} {'tokens':>7} {'step s':>8} {'vs bf16':>8} {'rel L2':>9} {'peak GiB':>9} {'weights GB':>10}"]
     summary = {}
     for r in dit:
         speed = base.get(r["size"], float("nan")) / r["denoise_median_s"]
@@ -467,11 +567,12 @@ def summarize(b: Bench):
         summary[f"{r['scheme']}_{r['size']}_step_s"] = r["denoise_median_s"]
         if "rel_l2_vs_bf16" in r:
             summary[f"{r['scheme']}_{r['size']}_rel_l2"] = r["rel_l2_vs_bf16"]
-        lines.append(f"{r['scheme']:10} {r['size']:5} {r['tokens']:7d} {r['denoise_median_s']:8.3f} {speed:8.3f} "
+        lines.append(f"{r['scheme']:14} {r['size']:5} {r['tokens']:7d} {r['denoise_median_s']:8.3f} {speed:8.3f} "
                      f"{r.get('rel_l2_vs_bf16', float('nan')):9.4f} {r.get('peak_gib', float('nan')):9.2f} "
                      f"{built.get(r['scheme'], {}).get('weight_gb', float('nan')):10.2f}")
     for s, r in built.items():
         summary[f"{s}_weight_gb"] = r["weight_gb"]
+    lines += policy_table(b, dit, built, base, summary)
     aq = [r for r in b.results["actquant"] if "error" not in r]
     if b.results["actquant"]:
         lines += ["", "activation quantizer (bf16 -> e4m3 per token; GB/s = (2 + 1 bytes/element + scales) / time)",
@@ -537,6 +638,9 @@ def main(argv=None):
     ap.add_argument("--reps-720p", type=int, default=2)
     ap.add_argument("--kernel", default="auto", choices=("auto", "no_triton"),
                     help="QuantConfig.kernel: no_triton quantizes activations in eager torch (an ablation)")
+    ap.add_argument("--policies", default="",
+                    help="policy presets of quant/config.py POLICIES (e.g. P0,P1,P2): extra DiT rows 'fp8+sage[P1]' "
+                         "for every fp8/int8 scheme in --schemes (P0 = the default = the plain row)")
     ap.add_argument("--with-kernels", action="store_true",
                     help="DiT rows with the fused norm/RoPE kernels of engine/transforms.py (if present), every scheme alike")
     args = ap.parse_args(argv)
@@ -552,6 +656,8 @@ def main(argv=None):
     if "bf16" in schemes:                       # the reference runs first
         schemes = ["bf16"] + [s for s in schemes if s != "bf16"]
     parts = set(args.parts.split(","))
+    policies = [p for p in args.policies.split(",") if p]
+    dit_schemes = expand_policies(schemes, policies) if policies else schemes
     b.results["env"] = environment(b)
     print(json.dumps(b.results["env"]), flush=True)
     t0 = time.perf_counter()
@@ -567,7 +673,7 @@ def main(argv=None):
     if "actquant" in parts:
         bench_actquant(b, sizes)
     if "dit" in parts:
-        bench_dit(b, sizes, schemes)
+        bench_dit(b, sizes, dit_schemes)
     summarize(b)
     print(f"total {time.perf_counter() - t0:.0f} s; wrote {b.out}", flush=True)
     return b.results

@@ -187,3 +187,32 @@ def select_linears(model: nn.Module, config: QuantConfig,
             continue
         out.append(name)
     return out
+
+
+# Named candidate policies for the FP8 path (issue 7: DiT output rel L2 <= 3% with the speed target
+# kept), measured side by side as bench/quant.py rows "fp8+sage[P1]" etc. (--policies P0,P1,...).
+# Each maps to QuantConfig field changes; the extra overrides go in front of DEFAULT_OVERRIDES (first
+# match wins). They are presets to measure, not defaults: QuantConfig() is P0.
+# Cost per block vs fp8 of int8_wo_cs (weight dequant + bf16 GEMM, 480p, H200): +0.72 ms per 5120x5120
+# linear, +2.9 ms fc1 (ffn.0), +1.86 ms fc2 (ffn.2).
+_FFN_WO = (("blocks.*.ffn.0", "int8_wo_cs"), ("blocks.*.ffn.2", "int8_wo_cs"))
+_SELF_O_WO = (("blocks.*.self_attn.o", "int8_wo_cs"),)
+# all four, so q/k/v keep one scheme (int8_wo_cs is not fusable into one qkv linear either way: its
+# column scales are per input channel, engine/transforms.qkv_unfusable; the three stay separate)
+_SELF_QKVO_WO = tuple((f"blocks.*.self_attn.{n}", "int8_wo_cs") for n in "qkvo")
+POLICIES: dict[str, dict] = {
+    "P0": {},                                                        # the default
+    "P1": {"overrides": _FFN_WO + DEFAULT_OVERRIDES},                # + FFN fc1/fc2 int8_wo_cs
+    "P2": {"overrides": _SELF_O_WO + DEFAULT_OVERRIDES},             # + self-attn o int8_wo_cs
+    "P3": {"overrides": _SELF_QKVO_WO + DEFAULT_OVERRIDES},          # + self-attn q/k/v/o int8_wo_cs
+    "P4": {"overrides": _FFN_WO + _SELF_O_WO + DEFAULT_OVERRIDES},   # P1 + P2
+    # first and last block in bf16: ~18.39 GB (over the 18 GB budget; see the note above DEFAULT_KEEP)
+    "P5": {"keep_edge_blocks": 1},
+}
+
+
+def policy_config(name: str, scheme: str = "fp8", **changes) -> QuantConfig:
+    """The QuantConfig of a named policy (POLICIES) for `scheme`, with further field changes."""
+    if name not in POLICIES:
+        raise ValidationError(f"unknown quantization policy {name!r}; choose one of {sorted(POLICIES)}")
+    return QuantConfig(scheme, **{**POLICIES[name], **changes})
