@@ -8,8 +8,10 @@ OUTDIR=${SECTION_OUT:-${OUT:-/tmp/out}}
 M=/tmp/mp312; rm -rf $M; mkdir -p $M/site $M/st $M/pb
 python -c "import tarfile; [tarfile.open(a).extractall(b, filter='data') for a, b in (('.mp312/mediapipe-0.10.21-cp312-trim.tar.xz', '$M/site'), ('.mp312/standins.tar.xz', '$M/st'))]" || exit 1
 export PYTHONPATH=$M/site:${PYTHONPATH:-}
-if ! python -c "import av" 2>/dev/null && ls .mp312/av-*.whl >/dev/null 2>&1; then     # PyAV: video I/O
-  python -m pip install -q --no-index --no-deps --no-compile --target $M/av .mp312/av-*.whl && export PYTHONPATH=$PYTHONPATH:$M/av
+if ! python -c "import av" 2>/dev/null && ls .mp312/av-*.whl >/dev/null 2>&1; then
+  # PyAV for video I/O, installed into the interpreter itself: the decoder child runs `python -I`
+  # (isolated: no PYTHONPATH), so a --target folder would not reach it.
+  python -m pip install -q --no-index --no-deps --no-compile .mp312/av-*.whl
 fi
 if ! python -c "from mediapipe.python.solutions import holistic" > $OUTDIR/mp_import.log 2>&1; then
   echo "mediapipe import failed with this protobuf ($(tail -1 $OUTDIR/mp_import.log)); retrying with the carried protobuf"

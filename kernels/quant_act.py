@@ -165,9 +165,11 @@ def launch_config(k: int) -> dict:
 
 
 # The two-pass chunked kernel for rows of at least this many columns (all of the DiT's linears):
-# 2048 columns over 8 warps, one 16-byte bf16 vector per thread per chunk. Shorter rows use the
-# whole-row kernel, which packs several rows into one program.
-CHUNK_MIN_K, CHUNK, CHUNK_WARPS = 2048, 2048, 8
+# 2048 columns over 4 warps, two 16-byte bf16 vectors per thread per chunk: the best of the H200
+# sweep at 480p (2.57 TB/s at K=5120, 3.08 at 13824, vs 1.51 / 1.53 for the whole-row kernel;
+# bench/results/quant_h200_policies.log). Shorter rows use the whole-row kernel, which packs
+# several rows into one program.
+CHUNK_MIN_K, CHUNK, CHUNK_WARPS = 2048, 2048, 4
 
 
 def per_token_quant_triton(x: torch.Tensor, int8: bool, *, gelu: bool = False, variant: str | None = None,

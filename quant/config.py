@@ -208,6 +208,10 @@ POLICIES: dict[str, dict] = {
     "P4": {"overrides": _FFN_WO + _SELF_O_WO + DEFAULT_OVERRIDES},   # P1 + P2
     # first and last block in bf16: ~18.39 GB (over the 18 GB budget; see the note above DEFAULT_KEEP)
     "P5": {"keep_edge_blocks": 1},
+    # After the first GPU round (H200, 480p, fp8+sage: P0 3.37% 1.338x, P1 3.17% 1.222x, P2 3.08%
+    # 1.326x, P4 2.85% 1.203x; bench/results/quant_h200_policies.log): P2 plus one FFN linear.
+    "P6": {"overrides": (("blocks.*.ffn.2", "int8_wo_cs"),) + _SELF_O_WO + DEFAULT_OVERRIDES},
+    "P7": {"overrides": (("blocks.*.ffn.0", "int8_wo_cs"),) + _SELF_O_WO + DEFAULT_OVERRIDES},
 }
 
 
