@@ -13,11 +13,12 @@ if ! python -c "import av" 2>/dev/null && ls .mp312/av-*.whl >/dev/null 2>&1; th
   # (isolated: no PYTHONPATH), so a --target folder would not reach it.
   python -m pip install -q --no-index --no-deps --no-compile .mp312/av-*.whl
 fi
-if ! python -c "from mediapipe.python.solutions import holistic" > $OUTDIR/mp_import.log 2>&1; then
-  echo "mediapipe import failed with this protobuf ($(tail -1 $OUTDIR/mp_import.log)); retrying with the carried protobuf"
+# MediaPipe 0.10.21's descriptors break at run time (not at import) under protobuf 7 (the image's:
+# "'FieldDescriptor' object has no attribute 'label'"), so the carried protobuf 6 always goes first.
+if ls .mp312/protobuf-*.whl >/dev/null 2>&1; then
   python -m zipfile -e .mp312/protobuf-*.whl $M/pb && export PYTHONPATH=$M/pb:$PYTHONPATH
-  python -c "from mediapipe.python.solutions import holistic" >> $OUTDIR/mp_import.log 2>&1 || { echo "MEDIAPIPE UNAVAILABLE:"; tail -3 $OUTDIR/mp_import.log; }
 fi
+python -c "from mediapipe.python.solutions import holistic" > $OUTDIR/mp_import.log 2>&1 || { echo "MEDIAPIPE UNAVAILABLE:"; tail -3 $OUTDIR/mp_import.log; }
 python -c "import mediapipe, google.protobuf as p; print('mediapipe', mediapipe.__version__, mediapipe.__file__, 'protobuf', p.__version__)" 2>&1 | tail -1
 python -c "import av; print('av', av.__version__)" 2>&1 | tail -1
 timeout ${PREP_TIMEOUT:-160} python -m wanimate.bench.preprocess --standins $M/st --vith-frames 16 --budget-s ${PREP_BUDGET:-100} \

@@ -35,10 +35,10 @@ rewritten after each row, so a timeout keeps what was measured):
 --policies P1,P2,...: for every fp8/int8 DiT scheme in --schemes (e.g. fp8+sage), extra rows
 "fp8+sage[P1]" etc. quantized with the named policy presets of quant/config.py POLICIES (P1: + FFN
 fc1/fc2 int8_wo_cs, P2: + self-attn o, P3: + self-attn q/k/v/o, P4: P1 + P2, P5: first/last block
-bf16 (18.39 GB: over budget)). P0 is the default policy, i.e. the plain row (run once, not twice).
+bf16 (18.39 GB: over budget)). P6 is the default policy, i.e. the plain row (run once, not twice).
 The summary prints a policy table: step, speedup and rel L2 vs bf16 + SDPA, weights, targets met.
 # the issue-7 policy comparison (~2 minutes): bf16, the default fp8+sage, and four policies
-python bench/quant.py --sizes 480p --parts dit --schemes bf16,fp8+sage --policies P0,P1,P2,P3,P4 --with-kernels --reps 3
+python bench/quant.py --sizes 480p --parts dit --schemes bf16,fp8+sage --policies P0,P1,P2,P3,P4,P6,P7 --with-kernels --reps 3
 
 Targets (issue 7), all at 480p in one run against the bf16 + SDPA row: the full FP8/INT8 path
 (fp8+sage: FP8 linears + sage self-attention) denoise step >= 1.25x faster; FP8 DiT weights
@@ -413,8 +413,8 @@ def _split_policy(scheme: str) -> tuple[str, str | None]:
 
 def expand_policies(schemes: list[str], policies: list[str]) -> list[str]:
     """Every fp8/int8 scheme row (with any /kernel, +edge, +sage suffix) followed by its policy rows;
-    P0 (the default policy) is the plain row itself, so it is not run twice."""
-    from wanimate.quant.config import ACTIVATION_SCHEMES, POLICIES
+    DEFAULT_POLICY is the plain row itself, so it is not run twice."""
+    from wanimate.quant.config import ACTIVATION_SCHEMES, DEFAULT_POLICY, POLICIES
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown --policies {unknown}; choose from {sorted(POLICIES)}")
@@ -422,7 +422,7 @@ def expand_policies(schemes: list[str], policies: list[str]) -> list[str]:
     for s in schemes:
         out.append(s)
         if _split_sage(s)[0].partition("/")[0].partition("+edge")[0] in ACTIVATION_SCHEMES:
-            out += [f"{s}[{p}]" for p in policies if p != "P0"]
+            out += [f"{s}[{p}]" for p in policies if p != DEFAULT_POLICY]
     return out
 
 
@@ -517,14 +517,14 @@ def bench_dit(b: Bench, sizes, schemes):
 
 
 def policy_table(b: Bench, dit: list, built: dict, base: dict, summary: dict) -> list[str]:
-    """The --policies comparison: each policy row and its base row (P0, the default) against the
+    """The --policies comparison: each policy row and its base row (DEFAULT_POLICY) against the
     issue-7 targets (speedup >= 1.25 vs bf16 + SDPA, rel L2 <= 3%, weights <= 18 GB). Failed rows
     are listed with their error."""
     policies = [p for p in b.args.policies.split(",") if p]
     if not policies:
         return []
-    from wanimate.quant.config import POLICIES
-    lines = ["", "policies (quant/config.py POLICIES; P0 = the default = the plain row; targets: speedup >= "
+    from wanimate.quant.config import DEFAULT_POLICY, POLICIES
+    lines = ["", "policies (quant/config.py POLICIES; P6 = the default = the plain row; targets: speedup >= "
              f"{TARGETS['fp8_speedup_480p']}, rel L2 <= {TARGETS['output_rel_l2']}, weights <= {TARGETS['fp8_weight_gb']} GB)",
              f"{'row':16} {'size':5} {'step s':>8} {'vs bf16':>8} {'rel L2':>8} {'weights GB':>10} {'qkv fused':>9}  all met"]
     ok_rows = {(r["scheme"], r["size"]): r for r in dit}
@@ -532,7 +532,7 @@ def policy_table(b: Bench, dit: list, built: dict, base: dict, summary: dict) ->
     bases = sorted({_split_policy(r["scheme"])[0] for r in b.results["dit"] if _split_policy(r["scheme"])[1]})
     for base_scheme in bases:
         for p in policies:
-            scheme = base_scheme if p == "P0" else f"{base_scheme}[{p}]"
+            scheme = base_scheme if p == DEFAULT_POLICY else f"{base_scheme}[{p}]"
             label = f"{base_scheme}[{p}]"
             for size in [s for s in SIZES if any(k == (scheme, s) for k in ok_rows)] or ["-"]:
                 r = ok_rows.get((scheme, size))
@@ -640,7 +640,7 @@ def main(argv=None):
                     help="QuantConfig.kernel: no_triton quantizes activations in eager torch (an ablation)")
     ap.add_argument("--policies", default="",
                     help="policy presets of quant/config.py POLICIES (e.g. P0,P1,P2): extra DiT rows 'fp8+sage[P1]' "
-                         "for every fp8/int8 scheme in --schemes (P0 = the default = the plain row)")
+                         "for every fp8/int8 scheme in --schemes (P6 = the default = the plain row)")
     ap.add_argument("--with-kernels", action="store_true",
                     help="DiT rows with the fused norm/RoPE kernels of engine/transforms.py (if present), every scheme alike")
     args = ap.parse_args(argv)

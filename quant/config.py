@@ -77,8 +77,17 @@ DEFAULT_EDGE_BLOCKS = 0
 #   does not average out): measured the most sensitive group after cross q/o.
 # - the face adapter: linear1_kv sees 5 motion tokens per frame; q/linear2 are 2.6% of the GEMM FLOPs.
 ACTIVATION_SCHEMES = ("fp8", "int8")
-DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
+# The context/face set above, the base of the policies measured on the GPU (POLICIES' P0).
+CONTEXT_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
     (p, "int8_wo_cs") for p in GROUPS["cross_attn_q_o"] + GROUPS["cross_attn_kv"] + GROUPS["face_adapter"])
+# The default is policy P6 of the GPU measurement (POLICIES below; H200, 480p, all 40 blocks, random
+# weights with outlier channels, bench/results/quant_h200_policies2.log): the context/face set plus
+# the self-attention output projection and the FFN down projection on int8_wo_cs. FP8 + sage
+# attention: DiT output rel L2 2.93% vs bf16 + SDPA, step 2.260 s vs 2.863 s = 1.267x; with only the
+# context/face set (P0) 3.37% at 1.338x. Those two linears see the attention output and the GELU
+# output, whose e4m3 rounding the rest of the block cannot average out.
+DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = (
+    ("blocks.*.self_attn.o", "int8_wo_cs"), ("blocks.*.ffn.2", "int8_wo_cs")) + CONTEXT_OVERRIDES
 # The previous default (cross-attention q/o in FP8), for the measurements that compare against it.
 PREVIOUS_OVERRIDES: tuple[tuple[str, str], ...] = tuple(
     (p, "int8_wo") for p in GROUPS["cross_attn_kv"] + GROUPS["face_adapter"])
@@ -100,7 +109,10 @@ class QuantConfig:
         "reference" always runs the pure-torch path (the exact CPU emulation).
     nf4_blocksize: elements per absmax block for nf4 (bitsandbytes' default 64).
     fuse_gelu: fold the FFN's GELU(tanh) into the FP8 down-projection's activation quantization
-        (quant/api.py fuse_ffn_gelu; the same function up to the GELU's bf16 rounding)."""
+        (quant/api.py fuse_ffn_gelu; the same function up to the GELU's bf16 rounding). Off by
+        default: measured slower on an H200 (1.08-1.25 ms for [32760, 13824] against ~0.45 ms GELU
+        + 0.48 ms quantization; bench/results/quant_h200_policies*.log), and the default policy
+        keeps the down projection on int8_wo_cs, where it does not apply."""
     scheme: str = "fp8"
     keep: tuple[str, ...] = DEFAULT_KEEP
     keep_edge_blocks: int = DEFAULT_EDGE_BLOCKS
@@ -108,7 +120,7 @@ class QuantConfig:
     fast_accum: bool = True
     kernel: str = "auto"
     nf4_blocksize: int = 64
-    fuse_gelu: bool = True
+    fuse_gelu: bool = False
 
     def __post_init__(self):
         from .registry import available_schemes
@@ -191,28 +203,29 @@ def select_linears(model: nn.Module, config: QuantConfig,
 
 # Named candidate policies for the FP8 path (issue 7: DiT output rel L2 <= 3% with the speed target
 # kept), measured side by side as bench/quant.py rows "fp8+sage[P1]" etc. (--policies P0,P1,...).
-# Each maps to QuantConfig field changes; the extra overrides go in front of DEFAULT_OVERRIDES (first
-# match wins). They are presets to measure, not defaults: QuantConfig() is P0.
-# Cost per block vs fp8 of int8_wo_cs (weight dequant + bf16 GEMM, 480p, H200): +0.72 ms per 5120x5120
-# linear, +2.9 ms fc1 (ffn.0), +1.86 ms fc2 (ffn.2).
+# Each maps to QuantConfig field changes; the extra overrides go in front of CONTEXT_OVERRIDES (first
+# match wins). DEFAULT_POLICY is QuantConfig()'s. Measured on an H200, 480p, fp8 + sage attention vs
+# bf16 + SDPA (bench/results/quant_h200_policies*.log; int8_wo_cs costs per block vs fp8: +0.72 ms
+# per 5120x5120 linear, +2.9 ms fc1 (ffn.0), +1.86 ms fc2 (ffn.2)):
+#   P0 3.37% 1.338x | P1 3.17% 1.222x | P2 3.08% 1.326x | P3 2.99% 1.249x | P4 2.85% 1.203x
+#   P6 2.93% 1.267x (the default: the only one within 3% and >= 1.25x) | P7 3.02% 1.256x
 _FFN_WO = (("blocks.*.ffn.0", "int8_wo_cs"), ("blocks.*.ffn.2", "int8_wo_cs"))
 _SELF_O_WO = (("blocks.*.self_attn.o", "int8_wo_cs"),)
 # all four, so q/k/v keep one scheme (int8_wo_cs is not fusable into one qkv linear either way: its
 # column scales are per input channel, engine/transforms.qkv_unfusable; the three stay separate)
 _SELF_QKVO_WO = tuple((f"blocks.*.self_attn.{n}", "int8_wo_cs") for n in "qkvo")
 POLICIES: dict[str, dict] = {
-    "P0": {},                                                        # the default
-    "P1": {"overrides": _FFN_WO + DEFAULT_OVERRIDES},                # + FFN fc1/fc2 int8_wo_cs
-    "P2": {"overrides": _SELF_O_WO + DEFAULT_OVERRIDES},             # + self-attn o int8_wo_cs
-    "P3": {"overrides": _SELF_QKVO_WO + DEFAULT_OVERRIDES},          # + self-attn q/k/v/o int8_wo_cs
-    "P4": {"overrides": _FFN_WO + _SELF_O_WO + DEFAULT_OVERRIDES},   # P1 + P2
+    "P0": {"overrides": CONTEXT_OVERRIDES},                                 # context + face only
+    "P1": {"overrides": _FFN_WO + CONTEXT_OVERRIDES},                       # + FFN fc1/fc2
+    "P2": {"overrides": _SELF_O_WO + CONTEXT_OVERRIDES},                    # + self-attn o
+    "P3": {"overrides": _SELF_QKVO_WO + CONTEXT_OVERRIDES},                 # + self-attn q/k/v/o
+    "P4": {"overrides": _FFN_WO + _SELF_O_WO + CONTEXT_OVERRIDES},          # P1 + P2
     # first and last block in bf16: ~18.39 GB (over the 18 GB budget; see the note above DEFAULT_KEEP)
     "P5": {"keep_edge_blocks": 1},
-    # After the first GPU round (H200, 480p, fp8+sage: P0 3.37% 1.338x, P1 3.17% 1.222x, P2 3.08%
-    # 1.326x, P4 2.85% 1.203x; bench/results/quant_h200_policies.log): P2 plus one FFN linear.
-    "P6": {"overrides": (("blocks.*.ffn.2", "int8_wo_cs"),) + _SELF_O_WO + DEFAULT_OVERRIDES},
-    "P7": {"overrides": (("blocks.*.ffn.0", "int8_wo_cs"),) + _SELF_O_WO + DEFAULT_OVERRIDES},
+    "P6": {"overrides": DEFAULT_OVERRIDES},                                 # P2 + fc2: the default
+    "P7": {"overrides": (("blocks.*.ffn.0", "int8_wo_cs"),) + _SELF_O_WO + CONTEXT_OVERRIDES},   # P2 + fc1
 }
+DEFAULT_POLICY = "P6"
 
 
 def policy_config(name: str, scheme: str = "fp8", **changes) -> QuantConfig:

@@ -40,7 +40,8 @@ def test_policy_presets_and_expansion():
     from wanimate.engine.errors import ValidationError
     from wanimate.quant import QuantConfig
     from wanimate.quant.config import policy_config
-    assert policy_config("P0") == QuantConfig("fp8")              # P0 is the default
+    assert policy_config("P6") == QuantConfig("fp8")              # P6 is the default
+    assert policy_config("P0").scheme_for("blocks.3.ffn.2") == "fp8"
     p4 = policy_config("P4", kernel="reference")
     assert p4.kernel == "reference"
     assert [p4.scheme_for(f"blocks.3.{n}") for n in ("ffn.0", "ffn.2", "self_attn.o", "self_attn.q", "cross_attn.q")] == \
@@ -49,7 +50,7 @@ def test_policy_presets_and_expansion():
     assert policy_config("P5").keep_edge_blocks == 1
     with pytest.raises(ValidationError):
         policy_config("P9")
-    assert bench.expand_policies(["bf16", "fp8+sage", "nf4"], ["P0", "P1"]) == ["bf16", "fp8+sage", "fp8+sage[P1]", "nf4"]
+    assert bench.expand_policies(["bf16", "fp8+sage", "nf4"], ["P6", "P1"]) == ["bf16", "fp8+sage", "fp8+sage[P1]", "nf4"]
     assert bench._split_policy("fp8/no_triton+sage[P2]") == ("fp8/no_triton+sage", "P2")
     with pytest.raises(SystemExit):
         bench.expand_policies(["fp8"], ["P9"])
