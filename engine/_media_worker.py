@@ -171,6 +171,16 @@ def _decode(av, container, info: dict, req: dict, out) -> int:
     return n
 
 
+def _finish(out, n: int) -> None:
+    """Send the end message and leave at once, without closing the container: stopping a
+    frame-threaded decode early (only the first frames wanted) and then tearing FFmpeg's decoder
+    threads down can deadlock (seen in 1 of 25 prefix decodes: the child sat in a futex wait until
+    the parent's timeout). The child is disposable, so the OS reclaims everything instead."""
+    _send_json(out, b"E", {"decoded": n, "peak_rss_bytes": _peak_rss_bytes()})
+    out.flush()
+    os._exit(0)
+
+
 def main() -> int:
     # Frames go to a private dup of fd 1; fd 1 itself is pointed at stderr so that anything a
     # library prints cannot corrupt the binary stream.
@@ -207,14 +217,10 @@ def main() -> int:
                 return 0
             _fault(req, "decode")
             if not info["frames_counted"]:
-                n = _decode(av, container, info, req, out)
-        if info["frames_counted"]:
-            # Counting demuxed the whole file; a fresh open is simpler and safer than a seek.
-            with av.open(req["path"], mode="r", timeout=float(req.get("io_timeout_s", 30))) as c2:
-                n = _decode(av, c2, info, req, out)
-        peak = _peak_rss_bytes()
-        _send_json(out, b"E", {"decoded": n, "peak_rss_bytes": peak})
-        return 0
+                _finish(out, _decode(av, container, info, req, out))
+        # Counting demuxed the whole file; a fresh open is simpler and safer than a seek.
+        c2 = av.open(req["path"], mode="r", timeout=float(req.get("io_timeout_s", 30)))
+        _finish(out, _decode(av, c2, info, req, out))
     except _Refused as e:
         _send_json(out, b"X", {"kind": e.kind, "message": str(e)})
         return 0
