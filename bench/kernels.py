@@ -542,8 +542,7 @@ def rms_norm_rope_variant(variant: str):
 
 def bench_wanimate(b: Bench, sizes):
     torch = b.torch
-    from wanimate.engine.transforms import (GraphedDenoise, compile_blocks, fuse_qkv, use_channels_last_motion,
-                                            use_gelu_epilogue, use_kernels)
+    from wanimate.engine.transforms import GraphedDenoise, compile_blocks, fuse_qkv, use_gelu_epilogue, use_kernels
     cfg = dit_config(b)
     holder = {}
 
@@ -597,12 +596,6 @@ def bench_wanimate(b: Bench, sizes):
             row("wanimate kernels [no gelu epilogue]", size, x, lambda: forward(x), ref_key=size)
         use_gelu_epilogue(model)                         # now exactly use_kernels(model)'s fast path
         row("wanimate kernels", size, x, lambda: forward(x), ref_key=size)
-        if "channels_last" not in b.args.skip_rows:
-            use_channels_last_motion(model)
-            try:
-                row("wanimate kernels + channels_last motion encoder", size, x, lambda: forward(x), ref_key=size)
-            finally:
-                use_channels_last_motion(model, on=False)
         with torch.no_grad():
             conds[size] = cond = model.prepare(x["y"], x["pose"], x["face"], x["text"], x["clip"])
         if "denoise" not in b.args.skip_rows:
@@ -776,8 +769,7 @@ def summarize(b: Bench):
         t["kernels_min_of_copy"] = min(k["of_copy"] for k in fused)
         t["kernels_below_target"] = sorted({k["kernel"] for k in fused if k["of_copy"] < TARGET_KERNEL_FRACTION})
     for name in ("wanimate kernels [old row kernels, q/k/v]", "wanimate kernels [q/k/v separate]",
-                 "wanimate kernels [no gelu epilogue]", "wanimate kernels",
-                 "wanimate kernels + channels_last motion encoder", "wanimate kernels + compile_blocks"):
+                 "wanimate kernels [no gelu epilogue]", "wanimate kernels", "wanimate kernels + compile_blocks"):
         row = next((d for d in r["dit"] if d.get("row") == name and d.get("what") == "forward"
                     and d.get("size") == "480p" and "median_s" in d), None)
         if row and "480p" in base:

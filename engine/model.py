@@ -496,8 +496,6 @@ class WanAnimateDiT(nn.Module):
         self.face_encoder = FaceEncoder(cfg)
         # Not a buffer: the float64 angle tables must not follow .to(dtype).
         self.rope_tables = rope_angles(cfg.rope_split, cfg.rope_max_len, cfg.rope_theta)
-        # Face crops enter the motion encoder in NHWC (engine/transforms.py use_channels_last_motion).
-        self.motion_channels_last = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -512,8 +510,6 @@ class WanAnimateDiT(nn.Module):
             face_pixels = F.interpolate(face_pixels.transpose(1, 2).flatten(0, 1).float(),
                                         size=(self.cfg.motion_size,) * 2, mode="area").unflatten(0, (b, t)).transpose(1, 2)
         frames = face_pixels.transpose(1, 2).flatten(0, 1).to(self.dtype)   # [B*T, 3, S, S]
-        if self.motion_channels_last:
-            frames = frames.contiguous(memory_format=torch.channels_last)
         # The official code runs 8 frames per call; per-frame results do not depend on the batch, and
         # on a GPU 32 frames per call keep the small 512x512 convolutions busy (bounded memory).
         chunk = self.cfg.motion_batch if frames.device.type == "cpu" else max(self.cfg.motion_batch, 32)

@@ -258,22 +258,6 @@ def use_gelu_epilogue(model: nn.Module, on: bool = True) -> int:
     return changed
 
 
-def use_channels_last_motion(model: WanAnimateDiT, on: bool = True) -> None:
-    """The motion encoder's convolutions in NHWC (channels_last) or back to NCHW: its 4-D weights
-    are re-laid out and motion_vectors() hands it the face crops in the same format. cuDNN's NHWC
-    kernels suit the 77 x 512x512 crops' 3x3 and depthwise blur convolutions on tensor cores better
-    than NCHW; the values are the same convolutions (the algorithm, hence the summation order, may
-    differ). Apply it before block swap or component offload bind the weights to their buffers."""
-    fmt = torch.channels_last if on else torch.contiguous_format
-    weights = [p for p in model.motion_encoder.parameters() if p.dim() == 4]
-    if any(_shares_storage(p) for p in weights):
-        raise ValidationError("use_channels_last_motion must run before offloading: the motion encoder's "
-                              "weights are already views of an offload buffer")
-    for p in weights:
-        p.data = p.data.contiguous(memory_format=fmt)
-    model.motion_channels_last = on
-
-
 def compile_blocks(model: WanAnimateDiT, mode: str | None = None, *, fullgraph: bool = True,
                    backend: str = "inductor", dynamic: bool | None = False) -> WanAnimateDiT:
     """Regional compilation: torch.compile each transformer Block and FaceBlock in place.

@@ -228,21 +228,3 @@ def test_gelu_epilogue_on_cuda_is_tanh_gelu():
         exact = F.linear(F.gelu(h, approximate="tanh").bfloat16(), ffn[2].weight, ffn[2].bias)
     assert _rel_l2(got, exact) <= _rel_l2(ref, exact) + 1e-3
     assert _rel_l2(got, ref) <= 1e-2
-
-
-def test_channels_last_motion_encoder_same_output_and_reversible():
-    """NHWC motion encoder: same motion vectors (fp32, CPU) and the weights return to NCHW."""
-    from wanimate.engine.transforms import use_channels_last_motion
-    model = recipe_dit(preset("tiny").dit, 5)
-    faces = torch.rand(1, 3, 5, model.cfg.motion_size, model.cfg.motion_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    with torch.no_grad():
-        ref = model.motion_vectors(faces)
-        use_channels_last_motion(model)
-        assert all(p.is_contiguous(memory_format=torch.channels_last)
-                   for p in model.motion_encoder.parameters() if p.dim() == 4)
-        got = model.motion_vectors(faces)
-        use_channels_last_motion(model, on=False)
-        back = model.motion_vectors(faces)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(back, ref) and not model.motion_channels_last
-    assert all(p.is_contiguous() for p in model.motion_encoder.parameters())
