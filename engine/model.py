@@ -509,6 +509,8 @@ class WanAnimateDiT(nn.Module):
         if s != self.cfg.motion_size:   # only the tiny preset uses smaller crops
             face_pixels = F.interpolate(face_pixels.transpose(1, 2).flatten(0, 1).float(),
                                         size=(self.cfg.motion_size,) * 2, mode="area").unflatten(0, (b, t)).transpose(1, 2)
+        # NCHW on purpose: the crops and weights in channels_last made the 480p forward 5% slower on
+        # an H200 (bench/results/kernels_h200_channels_last.log: 3.035 s vs 2.886 s).
         frames = face_pixels.transpose(1, 2).flatten(0, 1).to(self.dtype)   # [B*T, 3, S, S]
         # The official code runs 8 frames per call; per-frame results do not depend on the batch, and
         # on a GPU 32 frames per call keep the small 512x512 convolutions busy (bounded memory).
