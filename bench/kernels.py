@@ -31,17 +31,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib.util
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:                       # the script imports wanimate only once it is importable (main)
+    from wanimate.bench.timing import RowBench as Bench
 
 
 def _drop_script_dir_from_path():
@@ -76,84 +76,19 @@ TARGET_REL_L2 = 1e-2               # kernels vs reference path, bf16
 # Timing and bookkeeping
 
 
-class Bench:
-    def __init__(self, args):
-        import torch
-        self.torch = torch
-        self.args = args
-        self.device = "cpu" if args.smoke else "cuda"
-        self.cuda = self.device == "cuda"
-        self.results = {"env": {}, "copy": None, "kernels": [], "attention": [], "dit": [], "targets": {}}
-        self.out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "bench_kernels.json"
-        self.start = time.perf_counter()
-
-    def sync(self):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def time(self, fn, *, warmup: int, reps: int) -> tuple[float, float]:
-        """(median seconds, first-call seconds); the first call is the first warm-up."""
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        first = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            fn()
-        self.sync()
-        from wanimate.bench.timing import time_calls
-        return statistics.median(time_calls(fn, "cuda" if self.cuda else "cpu", reps)), first
-
-    def free(self):
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.empty_cache()
-
-    def guarded(self, section: str, row: dict, fn):
-        """Run one row; OOM and other errors are recorded in the row, memory freed, the run goes on.
-        Past --budget-s of wall time the remaining rows are recorded as skipped instead of run."""
-        torch = self.torch
-        elapsed = time.perf_counter() - self.start
-        if elapsed > self.args.budget_s:
-            row["skipped"] = f"time budget: {elapsed:.0f} s > --budget-s {self.args.budget_s}"
-            self.results[section].append(row)
-            self.save()
-            print(f"  {section}: {row}", flush=True)
-            return row
-        try:
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-            row.update(fn())
-            if self.cuda:
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        except torch.cuda.OutOfMemoryError as e:
-            row["error"] = f"OOM: {str(e).splitlines()[0]}"
-        except Exception as e:  # a failing row must not lose the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            row["traceback"] = traceback.format_exc(limit=4)
-        self.free()
-        self.results[section].append(row)
-        self.save()
-        print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "traceback"), flush=True)
-        return row
-
-    def save(self):
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps(self.results, indent=1))
+def make_bench(args) -> "Bench":
+    from wanimate.bench.timing import RowBench
+    return RowBench(args, {"env": {}, "copy": None, "kernels": [], "attention": [], "dit": [], "targets": {}},
+                 "bench_kernels.json")
 
 
 def environment(b: Bench) -> dict:
-    torch = b.torch
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": b.device,
-           "smoke": b.args.smoke}
+    env = b.environment()
     try:
         import triton
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    if b.cuda:
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, sm_count=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, capability=".".join(map(str, torch.cuda.get_device_capability())))
     try:
         import diffusers
         env["diffusers"] = diffusers.__version__
@@ -823,7 +758,7 @@ def main(argv=None):
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --smoke on a CPU")
     torch.backends.cuda.matmul.allow_tf32 = True   # as the diffusers baseline (no effect on bf16 GEMMs)
-    b = Bench(args)
+    b = make_bench(args)
     kernels.load()
     b.results["env"] = environment(b)
     print(json.dumps(b.results["env"]), flush=True)

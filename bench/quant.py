@@ -50,16 +50,16 @@ Timing: CUDA events after warm-up, median of repeats (perf_counter on the CPU).
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
-import platform
-import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:                       # the script imports wanimate only once it is importable (main)
+    from wanimate.bench.timing import RowBench as Bench
 
 
 def _import_wanimate():
@@ -86,75 +86,20 @@ TARGETS = {"fp8_speedup_480p": 1.25, "fp8_weight_gb": 18.0, "output_rel_l2": 0.0
 # Timing and bookkeeping
 
 
-class Bench:
-    def __init__(self, args):
-        import torch
-        self.torch = torch
-        self.args = args
-        self.device = "cpu" if args.smoke else "cuda"
-        self.cuda = self.device == "cuda"
-        self.results = {"env": {}, "checks": [], "gemm": [], "actquant": [], "dit": [], "summary": {}}
-        self.kernel = args.kernel          # QuantConfig.kernel for every quantized row
-        self.out = Path(args.out) if args.out else Path(os.environ.get("OUT", ".")) / "bench_quant.json"
-
-    def sync(self):
-        if self.cuda:
-            self.torch.cuda.synchronize()
-
-    def time(self, fn, *, warmup: int, reps: int) -> tuple[float, float]:
-        """(median seconds, first-call seconds); the first call is the first warm-up."""
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        first = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            fn()
-        self.sync()
-        from wanimate.bench.timing import time_calls
-        return statistics.median(time_calls(fn, "cuda" if self.cuda else "cpu", reps)), first
-
-    def free(self):
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.empty_cache()
-
-    def guarded(self, section: str, row: dict, fn):
-        """Run one row; OOM and other errors are recorded in the row, memory freed, the run goes on."""
-        torch = self.torch
-        try:
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-            row.update(fn() or {})
-            if self.cuda:
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        except torch.cuda.OutOfMemoryError as e:
-            row["error"] = f"OOM: {str(e).splitlines()[0]}"
-        except Exception as e:  # a failing row must not lose the others
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            row["traceback"] = traceback.format_exc(limit=6)
-        self.free()
-        self.results[section].append(row)
-        self.save()
-        print(f"  {section}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "traceback"), flush=True)
-        return row
-
-    def save(self):
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.out.write_text(json.dumps(self.results, indent=1))
+def make_bench(args) -> "Bench":
+    from wanimate.bench.timing import RowBench
+    b = RowBench(args, {"env": {}, "checks": [], "gemm": [], "actquant": [], "dit": [], "summary": {}}, "bench_quant.json")
+    b.kernel = args.kernel                 # QuantConfig.kernel for every quantized row
+    return b
 
 
 def environment(b: Bench) -> dict:
-    torch = b.torch
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": b.device, "smoke": b.args.smoke}
+    env = b.environment()
     for name in ("triton", "bitsandbytes"):
         try:
             env[name] = __import__(name).__version__
         except Exception:
             env[name] = None
-    if b.cuda:
-        p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, sm_count=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, capability=".".join(map(str, torch.cuda.get_device_capability())))
     return env
 
 
@@ -645,7 +590,7 @@ def main(argv=None):
                     help="DiT rows with the fused norm/RoPE kernels of engine/transforms.py (if present), every scheme alike")
     args = ap.parse_args(argv)
     _import_wanimate()
-    b = Bench(args)
+    b = make_bench(args)
     torch = b.torch
     if b.cuda and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on a CPU")
