@@ -83,6 +83,26 @@ def _stream(X, Y, G, XO, x_row, y_row, g_row, cols, mask, HAS_RESIDUAL: tl.const
 
 
 # Token counts vary per video: no recompilation for each one's divisibility.
+@triton.jit
+def _epilogue(n, X, XO, W, BIAS, SCALE, SHIFT, b, stride_sb, stride_tb, cols, mask,
+              HAS_RESIDUAL: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr):
+    """Both kernels' normalised values n (fp32) -> [affine] -> rounded to the stream's dtype ->
+    [modulation], as the reference: type_as(x) rounds to the stream's dtype (bf16 only for block 0's
+    input; a no-op for fp32) between the affine and the modulation."""
+    if AFFINE:
+        n = n * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) \
+            + tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        n = n.to(XO.dtype.element_ty).to(tl.float32)
+    else:
+        n = n.to(X.dtype.element_ty).to(tl.float32)
+    if MODULATE:
+        scale = tl.load(SCALE + b * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(SHIFT + b * stride_tb + cols, mask=mask, other=0.0).to(tl.float32)
+        n = n * (1.0 + scale) + shift
+    return n
+
+
 @triton.jit(do_not_specialize=["L"])
 def _layer_norm_kernel(
     X, Y, G,                  # x [B, L, C]; with HAS_RESIDUAL y [B, L, C] and (HAS_GATE) gate [B, 1, C]
@@ -134,19 +154,8 @@ def _layer_norm_kernel(
         cols = i * CHUNK + offs
         mask = cols < C
         x = _stream(X, Y, G, XO, x_row, y_row, g_row, cols, mask, HAS_RESIDUAL, HAS_GATE, "evict_first")
-        n = (x - row_mean) * rstd
-        if AFFINE:
-            n = n * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) \
-                + tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-        # type_as(x): the stream's dtype (bf16 only for block 0's input; a no-op for fp32).
-        if HAS_RESIDUAL:
-            n = n.to(XO.dtype.element_ty).to(tl.float32)
-        else:
-            n = n.to(X.dtype.element_ty).to(tl.float32)
-        if MODULATE:
-            scale = tl.load(SCALE + b * stride_sb + cols, mask=mask, other=0.0).to(tl.float32)
-            shift = tl.load(SHIFT + b * stride_tb + cols, mask=mask, other=0.0).to(tl.float32)
-            n = n * (1.0 + scale) + shift
+        n = _epilogue((x - row_mean) * rstd, X, XO, W, BIAS, SCALE, SHIFT, b, stride_sb, stride_tb, cols, mask,
+                      HAS_RESIDUAL, AFFINE, MODULATE)
         tl.store(HO + row * C + cols, n.to(HO.dtype.element_ty), mask=mask)
 
 
@@ -181,19 +190,8 @@ def _layer_norm_row_kernel(
         x = x.to(tl.float32)
     mean = tl.sum(x, axis=0) / C
     d = tl.where(mask, x - mean, 0.0)
-    n = d * tl.rsqrt(tl.sum(d * d, axis=0) / C + eps)
-    if AFFINE:
-        n = n * tl.load(W + offs, mask=mask, other=0.0).to(tl.float32) \
-            + tl.load(BIAS + offs, mask=mask, other=0.0).to(tl.float32)
-    # type_as(x): the stream's dtype (bf16 only for block 0's input; a no-op for fp32).
-    if HAS_RESIDUAL:
-        n = n.to(XO.dtype.element_ty).to(tl.float32)
-    else:
-        n = n.to(X.dtype.element_ty).to(tl.float32)
-    if MODULATE:
-        scale = tl.load(SCALE + b * stride_sb + offs, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(SHIFT + b * stride_tb + offs, mask=mask, other=0.0).to(tl.float32)
-        n = n * (1.0 + scale) + shift
+    n = _epilogue(d * tl.rsqrt(tl.sum(d * d, axis=0) / C + eps), X, XO, W, BIAS, SCALE, SHIFT, b, stride_sb,
+                  stride_tb, offs, mask, HAS_RESIDUAL, AFFINE, MODULATE)
     tl.store(HO + row * C + offs, n.to(HO.dtype.element_ty), mask=mask)
 
 
