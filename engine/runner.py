@@ -189,13 +189,15 @@ def run(output: Path, options: GenerateOptions, *, src: Path | None = None, imag
                 s.close()
     timings.update(result.timings)
     timings["wall_s"] = time.perf_counter() - t0
+    from ..quant.api import quantization_report
     from .safetensors_io import manifest_hash
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(options).items()}
     settings.update(embedded_default=embedded, checkpoint=str(ckpt_dir) if ckpt_dir else None, device=str(device),
                     dtype=str(pipeline.dtype).replace("torch.", ""), fps=fps, frames=result.n_frames,
                     size=[height, width], attention=attention_report(pipeline.dit) | {"self": options.attention},
                     vae_backend=vae_backend, vram_budget=vram_budget,
-                    kernels=bool(kernels and torch.device(device).type == "cuda"))
+                    kernels=bool(kernels and torch.device(device).type == "cuda"),
+                    quant=quantization_report(pipeline.dit))
     payload = sidecar_payload(options.seed, settings, manifest_hash(ckpt_dir) if ckpt_dir else None, device=device)
     payload["timings"] = timings
     sidecar = write_json_atomic(output.with_suffix(".json"), payload)

@@ -102,6 +102,18 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def quantization_report(model: nn.Module) -> dict | None:
+    """What a run's sidecar records of the DiT's quantization: linears per scheme and the weight
+    bytes (None when nothing is quantized)."""
+    mods = quantized_modules(model)
+    if not mods:
+        return None
+    schemes: dict[str, int] = {}
+    for m in mods.values():
+        schemes[m.scheme] = schemes.get(m.scheme, 0) + 1
+    return {"linears_per_scheme": dict(sorted(schemes.items())), "weight_gb": round(weight_bytes(model) / 1e9, 3)}
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (quantized weights, scales and float weights alike)."""
     seen, total = set(), 0

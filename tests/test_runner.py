@@ -66,6 +66,22 @@ def test_run_writes_decodable_video_and_sidecar(tmp_path, tiny, mode):
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
+def test_sidecar_records_the_quantization(tmp_path):
+    """A float run records quant: null; an FP8 run the linears per scheme (the default policy's
+    int8_wo_cs exemptions included) and the weight size."""
+    from wanimate.engine.components import embedded_pipeline
+    from wanimate.quant import QuantConfig, quantize_
+    src = make_src(tmp_path / "src")
+    pipe = embedded_pipeline()
+    run(tmp_path / "f.mp4", FAST, src=src, pipeline=pipe)
+    assert json.loads((tmp_path / "f.json").read_text())["settings"]["quant"] is None
+    quantize_(pipe.dit, QuantConfig("fp8", kernel="reference"))
+    run(tmp_path / "q.mp4", FAST, src=src, pipeline=pipe)
+    quant = json.loads((tmp_path / "q.json").read_text())["settings"]["quant"]
+    assert quant["linears_per_scheme"]["fp8"] > 0 and quant["linears_per_scheme"]["int8_wo_cs"] > 0
+    assert quant["weight_gb"] > 0
+
+
 def test_same_seed_same_file_content(tmp_path, tiny):
     src = make_src(tmp_path / "src")
     a = run(tmp_path / "a.mp4", FAST, src=src, pipeline=tiny)
