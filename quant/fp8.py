@@ -28,10 +28,10 @@ FP8_MAX = 448.0
 
 def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> (e4m3 [out, in], fp32 scale [out]) with one scale per output channel."""
-    w = weight.detach().float()
+    w = weight.detach().to(torch.float32, copy=True)       # scaled in place: one fp32 copy at a time
     amax = w.abs().amax(dim=1).clamp(min=1e-12)
     limit = torch.full_like(amax, FP8_MAX)
-    q = (w * torch.div(limit, amax)[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = w.mul_(torch.div(limit, amax)[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q, torch.div(amax, limit)
 
 

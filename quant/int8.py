@@ -26,10 +26,16 @@ _INT_MM_MIN_ROWS = 17
 
 def quantize_int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float -> (int8 [out, in], fp32 scale [out]), symmetric, one scale per output channel."""
-    w = weight.detach().float()
+    return _quantize_rows_(weight.detach().to(torch.float32, copy=True))
+
+
+def _quantize_rows_(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8_weight on an fp32 tensor the caller owns, scaled and rounded in place: one fp32
+    copy of the weight at a time (the 14B FFN weights are 270 MiB each in fp32; `wanimate quantize`
+    streams them one by one, so this is what bounds its host memory)."""
     amax = w.abs().amax(dim=1).clamp(min=1e-12)
     limit = torch.full_like(amax, INT8_MAX)
-    q = torch.round((w * torch.div(limit, amax)[:, None]).clamp(-INT8_MAX, INT8_MAX)).to(torch.int8)
+    q = w.mul_(torch.div(limit, amax)[:, None]).clamp_(-INT8_MAX, INT8_MAX).round_().to(torch.int8)
     return q, torch.div(amax, limit)
 
 
@@ -106,9 +112,9 @@ def quantize_int8_weight_cols(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     """[out, in] float -> (int8 [out, in], fp32 row scale [out], fp32 column scale [in]) with
     W ~= (q * row[:, None]) * col[None, :]: the columns are first divided by their absmax, then each
     row is quantized as in quantize_int8_weight."""
-    w = weight.detach().float()
+    w = weight.detach().to(torch.float32, copy=True)
     col = w.abs().amax(dim=0).clamp(min=1e-12)
-    q, row = quantize_int8_weight(torch.div(w, col[None, :]))
+    q, row = _quantize_rows_(w.div_(col[None, :]))
     return q, row, col
 
 

@@ -201,8 +201,5 @@ def test_host_memory_is_bounded_by_one_shard(tmp_path):
           f"quantize peak +{quant_peak / 2**20:.0f} MiB; quantized {out_bytes / 2**20:.0f} MiB, "
           f"load peak +{load_peak / 2**20:.0f} MiB (= file + {(load_peak - out_bytes) / 2**20:.0f} MiB)")
     assert quant_peak < shard + 8 * largest + (96 << 20)
-    # Never the whole source: at this small size the per-tensor temporaries (~7 fp32 copies of the
-    # largest tensor for int8_wo_cs, the default's FFN down projection) are half of it; at 14B they
-    # are ~2 GB against a 57 GB source.
-    assert quant_peak < 0.75 * src_bytes
+    assert quant_peak < src_bytes / 2                        # far from holding the checkpoint
     assert load_peak < out_bytes + shard + (96 << 20)
