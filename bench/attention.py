@@ -359,22 +359,11 @@ class Bench:
     def build_dit(self, preset_name: str):
         torch = self.torch
         from wanimate.engine.config import preset
-        from wanimate.engine.loader import build_dit, constant_buffers
+        from wanimate.bench.bench import build_random
+        from wanimate.engine.loader import build_dit
         cfg = preset(preset_name).dit
         # bf16 on the meta device first: 17B parameters never exist in fp32 on the GPU.
-        model = build_dit(cfg).to(torch.bfloat16).to_empty(device=self.dev)
-        g = torch.Generator(device=self.dev).manual_seed(0)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.02, generator=g)
-                elif "bias" in n:
-                    p.zero_()
-                else:
-                    p.fill_(1.0)
-            for n, value in constant_buffers(model).items():
-                model.get_buffer(n).copy_(value)
-        return model.eval().requires_grad_(False), cfg
+        return build_random(lambda: build_dit(cfg), self.dev, torch.bfloat16, seed=0), cfg
 
     def dit_inputs(self, cfg, width: int, height: int, frames: int):
         torch = self.torch
@@ -445,16 +434,9 @@ class Bench:
             return
         with torch.device("meta"):
             m = WanAnimateTransformer3DModel()
-        m = m.to(torch.bfloat16).to_empty(device=self.dev)
-        g = torch.Generator(device=self.dev).manual_seed(0)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.02, generator=g)
-                elif "bias" in n:
-                    p.zero_()
-                else:
-                    p.fill_(1.0)
+        from wanimate.bench.bench import fill_diffusers_buffers_, init_random_
+        m = init_random_(m.to(torch.bfloat16).to_empty(device=self.dev), seed=0)
+        fill_diffusers_buffers_(m)
         m = m.eval().requires_grad_(False)
         for res in self.args.resolutions:
             w, h = RESOLUTIONS[res]

@@ -93,26 +93,26 @@ def build_random(factory: Callable[[], nn.Module], device, dtype: torch.dtype, s
 
 
 def fill_diffusers_buffers_(model: nn.Module) -> None:
-    """to_empty leaves buffers uninitialised. diffusers' WanAnimate model has two kinds, both
-    derived from the config: the RoPE tables (rebuilt on the CPU from the same module class) and the
-    motion encoder's blur kernels. Timings do not depend on them; this keeps the values finite."""
-    rope = getattr(model, "rope", None)
-    fresh = None
-    if rope is not None:
-        try:
-            fresh = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
-        except (AttributeError, TypeError):
-            fresh = None
+    """to_empty leaves buffers uninitialised; diffusers' WanAnimate model has two kinds, both
+    functions of the module's settings: the RoPE tables (rebuilt from the same module class) and
+    the motion encoder's blur kernels. Anything else raises, so a new buffer cannot stay garbage."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    blur = torch.outer(k, k) / 64.0     # MotionConv2d blur_kernel=(1, 3, 3, 1), no upsampling, in WanAnimate
     with torch.no_grad():
-        for name, buf in model.named_buffers():
-            leaf = name.rpartition(".")[2]
-            if fresh is not None and name.startswith("rope.") and hasattr(fresh, leaf):
-                buf.copy_(getattr(fresh, leaf))
-            elif "blur" in leaf and buf.shape == (4, 4):
-                k = torch.tensor([1.0, 3.0, 3.0, 1.0])
-                buf.copy_(torch.outer(k, k) / 64.0)
+        for name, module in model.named_modules():
+            own = dict(module.named_buffers(recurse=False))
+            if not own:
+                continue
+            if type(module).__name__ == "WanRotaryPosEmbed":
+                fresh = dict(type(module)(module.attention_head_dim, module.patch_size,
+                                          module.max_seq_len).named_buffers())
+                for key, buf in own.items():
+                    buf.copy_(fresh[key])
+            elif set(own) == {"blur_kernel"} and own["blur_kernel"].shape == (4, 4):
+                own["blur_kernel"].copy_(blur)
             else:
-                buf.zero_()
+                raise RuntimeError(f"diffusers buffer(s) {sorted(own)} of {name} ({type(module).__name__}) "
+                                   "would stay uninitialised")
 
 
 def build_pipeline(cfg, device, dtype: torch.dtype):

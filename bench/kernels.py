@@ -413,32 +413,6 @@ def make_inputs(b: Bench, cfg, size: str) -> dict:
                 t=torch.tensor([500], device=b.device), tokens=(lt + 1) * (lh // 2) * (lw // 2))
 
 
-def init_random_(model):
-    """normal_(0, 0.02) for matrices and convolutions, zero biases, ones for the other vectors."""
-    torch = sys.modules["torch"]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
-            elif "bias" in name:
-                p.zero_()
-            else:
-                p.fill_(1.0)
-
-
-def build_wanimate(b: Bench, cfg):
-    torch = b.torch
-    from wanimate.engine.loader import build_dit, constant_buffers
-    model = build_dit(cfg).to(torch.bfloat16).to_empty(device=b.device)   # meta -> device, no host copy
-    torch.manual_seed(0)
-    init_random_(model)
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for name, value in constant_buffers(model).items():
-            buffers[name].copy_(value)
-    return model.eval().requires_grad_(False)
-
-
 def timed_dit(b: Bench, size: str, fn):
     """(output of the last call, timing fields) for one DiT row."""
     torch = b.torch
@@ -483,7 +457,9 @@ def bench_wanimate(b: Bench, sizes):
 
     def build():
         t0 = time.perf_counter()
-        holder["model"] = build_wanimate(b, cfg)
+        from wanimate.bench.bench import build_random
+        from wanimate.engine.loader import build_dit
+        holder["model"] = build_random(lambda: build_dit(cfg), b.device, b.torch.bfloat16, seed=0)
         return {"params_b": round(sum(p.numel() for p in holder["model"].parameters()) / 1e9, 3),
                 "build_s": round(time.perf_counter() - t0, 1)}
     b.guarded("dit", {"row": "wanimate build"}, build)
@@ -588,29 +564,6 @@ def attention_rows(b: Bench, model, row, forward, size, x, name):
         set_attention_backend(model, "sdpa", which=("self",))
 
 
-def fill_diffusers_buffers_(model):
-    """to_empty leaves buffers uninitialised; diffusers' WanAnimate model has two kinds, both
-    functions of the module's settings. Anything else raises, so a new buffer cannot stay garbage."""
-    torch = sys.modules["torch"]
-    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
-    blur = torch.outer(k, k) / 64.0     # MotionConv2d blur_kernel=(1, 3, 3, 1), no upsampling, in WanAnimate
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            own = dict(module.named_buffers(recurse=False))
-            if not own:
-                continue
-            if type(module).__name__ == "WanRotaryPosEmbed":
-                fresh = dict(type(module)(module.attention_head_dim, module.patch_size,
-                                          module.max_seq_len).named_buffers())
-                for key, buf in own.items():
-                    buf.copy_(fresh[key])
-            elif set(own) == {"blur_kernel"} and own["blur_kernel"].shape == (4, 4):
-                own["blur_kernel"].copy_(blur)
-            else:
-                raise RuntimeError(f"diffusers buffer(s) {sorted(own)} of {name} ({type(module).__name__}) "
-                                   "would stay uninitialised")
-
-
 def bench_diffusers(b: Bench, sizes):
     torch = b.torch
     try:
@@ -619,6 +572,7 @@ def bench_diffusers(b: Bench, sizes):
         print("diffusers not importable: its rows are skipped", flush=True)
         b.results["dit"].append({"row": "diffusers", "skipped": "diffusers not importable"})
         return
+    from wanimate.bench.bench import fill_diffusers_buffers_, init_random_
     from wanimate.engine.loader import diffusers_config
     cfg = dit_config(b)
 
@@ -626,8 +580,7 @@ def bench_diffusers(b: Bench, sizes):
         with torch.device("meta"):
             m = diffusers.WanAnimateTransformer3DModel.from_config(diffusers_config(cfg))
         m = m.to(torch.bfloat16).to_empty(device=b.device)   # as the baseline, but cast before allocating
-        torch.manual_seed(0)
-        init_random_(m)
+        init_random_(m, seed=0)
         fill_diffusers_buffers_(m)
         return m.eval().requires_grad_(False)
     holder = {}
