@@ -75,8 +75,6 @@ def _import_wanimate():
         spec.loader.exec_module(module)
 
 
-SIZES = {"480p": (832, 480), "720p": (1280, 720)}
-FRAMES = 77
 # H200 ceilings measured for shared/DESIGN.md (dense TFLOP/s or TOP/s); H100 SXM has the same compute.
 CEILING = {"bf16": 792.0, "fp8": 1450.0, "int8": 913.0}
 TARGETS = {"fp8_speedup_480p": 1.25, "fp8_weight_gb": 18.0, "output_rel_l2": 0.03}
@@ -161,12 +159,8 @@ def bench_checks(b: Bench):
 # Part 2: GEMMs at Wan shapes
 
 
-def tokens_for(size: str) -> int:
-    width, height = SIZES[size]
-    return ((FRAMES - 1) // 4 + 2) * (height // 16) * (width // 16)
-
-
 def bench_gemm(b: Bench, sizes, schemes):
+    from wanimate.bench.kernels import tokens_for     # shared with bench/kernels.py
     torch = b.torch
     import torch.nn.functional as F
     from wanimate.quant import QuantConfig, get_scheme
@@ -244,6 +238,7 @@ def bench_actquant(b: Bench, sizes):
     """GB/s of kernels/quant_act.py (bytes it must move: read x, write 1 byte/element and the scales)
     at the two activation widths of the DiT linears: the previous kernel's setting (fp32 row, 16 warps),
     the current default (launch_config) and a small sweep; the fused GELU + quant at the FFN width."""
+    from wanimate.bench.kernels import tokens_for     # shared with bench/kernels.py
     torch = b.torch
     from wanimate.quant.act import per_token_quant_ref
     if not b.cuda and not _interpreted():
@@ -294,27 +289,6 @@ def _interpreted() -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Part 3: the DiT per scheme
-
-
-def dit_config(b: Bench):
-    from wanimate.engine.config import DiTConfig, preset
-    if b.cuda:
-        return preset("14b").dit
-    return DiTConfig(dim=128, ffn_dim=192, num_heads=2, num_layers=5, text_dim=32, image_dim=32, motion_size=16,
-                     motion_width=32, motion_encoder_dim=32, face_hidden=48)
-
-
-def make_inputs(b: Bench, cfg, size: str) -> dict:
-    torch = b.torch
-    width, height = SIZES[size] if b.cuda else {"480p": (48, 32), "720p": (64, 48)}[size]
-    frames = FRAMES if b.cuda else 5
-    lt, lh, lw = (frames - 1) // 4 + 1, height // 8, width // 8
-    g = torch.Generator(device=b.device).manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, device=b.device, generator=g).to(torch.bfloat16)
-    return dict(latents=rnd(1, 16, lt + 1, lh, lw), y=rnd(1, 20, lt + 1, lh, lw), pose=rnd(1, 16, lt, lh, lw),
-                face=rnd(1, 3, frames, cfg.motion_size, cfg.motion_size).clamp_(-1, 1),
-                text=rnd(1, cfg.text_len, cfg.text_dim), clip=rnd(1, 257, cfg.image_dim),
-                t=torch.tensor([500], device=b.device), tokens=(lt + 1) * (lh // 2) * (lw // 2))
 
 
 def build_random_dit(b: Bench, cfg, seed: int = 0):
@@ -386,6 +360,7 @@ def _scheme_counts(model) -> dict:
 
 
 def bench_dit(b: Bench, sizes, schemes):
+    from wanimate.bench.kernels import dit_config, make_inputs     # shared with bench/kernels.py
     torch = b.torch
     from wanimate.quant import QuantConfig, quantize_, weight_bytes
     from wanimate.quant.config import policy_config
@@ -465,6 +440,7 @@ def policy_table(b: Bench, dit: list, built: dict, base: dict, summary: dict) ->
     """The --policies comparison: each policy row and its base row (DEFAULT_POLICY) against the
     issue-7 targets (speedup >= 1.25 vs bf16 + SDPA, rel L2 <= 3%, weights <= 18 GB). Failed rows
     are listed with their error."""
+    from wanimate.bench.kernels import SIZES     # shared with bench/kernels.py
     policies = [p for p in b.args.policies.split(",") if p]
     if not policies:
         return []
