@@ -396,6 +396,20 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _load_head_tile(X, sxb, sxl, sxh, H, L, D: tl.constexpr, BLOCK: tl.constexpr):
+        """The quantization kernels' prologue: program (pid_l, pid_bh) loads rows pid_l*BLOCK.. of
+        head pid_bh of X [B, L, H, D] (zeros past L). Returns (pid_l, pid_bh, rows, cols, valid, x)."""
+        pid_l = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D)
+        valid = rows < L
+        src = X + b.to(tl.int64) * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + cols[None, :]
+        return pid_l, pid_bh, rows, cols, valid, tl.load(src, mask=valid[:, None], other=0.0)
+
+    @triton.jit
     def _quant_int8_kernel(X, R, XQ, XS, MEAN,
                            sxb, sxl, sxh,
                            H, L, LP, scale_mult,
@@ -406,15 +420,7 @@ if triton is not None:
         past L) and fp32 scales times `scale_mult`, one per group of GROUP tokens, stored per
         token [B, H, LP] (ROW_SCALES, for Q) or per tile [B, H, LP/BLOCK] (GROUP == BLOCK, for K).
         QMAX: the format's largest value the scale maps amax to (127 or 448)."""
-        pid_l = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.arange(0, D)
-        valid = rows < L
-        src = X + b.to(tl.int64) * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + cols[None, :]
-        x = tl.load(src, mask=valid[:, None], other=0.0)
+        pid_l, pid_bh, rows, cols, valid, x = _load_head_tile(X, sxb, sxl, sxh, H, L, D, BLOCK)
         if ROT:
             # R is +-1: products are exact and the sum is fp32, whatever x's float format.
             r = tl.load(R + cols[:, None] * D + cols[None, :])
@@ -452,16 +458,8 @@ if triton is not None:
                             D: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr):
         """V [B, L, H, D] -> (V - MEAN) / XS as e4m3 [B, H, D, LP] (keys contiguous: the K-major B
         operand of the fp8 wgmma); MEAN and the per-channel scale XS are [B, H, D]; zero past L."""
-        pid_l = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
-        cols = tl.arange(0, D)
-        valid = rows < L
-        src = X + b.to(tl.int64) * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + cols[None, :]
-        x = tl.load(src, mask=valid[:, None], other=0.0).to(tl.float32)
-        x = tl.where(valid[:, None], x - tl.load(MEAN + pid_bh * D + cols)[None, :], 0.0)
+        pid_l, pid_bh, rows, cols, valid, x = _load_head_tile(X, sxb, sxl, sxh, H, L, D, BLOCK)
+        x = tl.where(valid[:, None], x.to(tl.float32) - tl.load(MEAN + pid_bh * D + cols)[None, :], 0.0)
         inv = 1.0 / tl.load(XS + pid_bh * D + cols)
         xq = _to_fp8(x * inv[None, :], INTERP)
         base = pid_bh.to(tl.int64) * D * LP
