@@ -159,8 +159,9 @@ def _layer_norm_kernel(
         tl.store(HO + row * C + cols, n.to(HO.dtype.element_ty), mask=mask)
 
 
-# The first version, kept for the old-vs-new rows of bench/kernels.py: the whole row in registers
-# (BLOCK = next power of two >= C), one pass, mean and variance as two sums over the registers.
+# The whole row in registers (BLOCK = next power of two >= C), one pass, mean and variance as two
+# sums over the registers: the default for residual + norm (_launch says why), the old-vs-new rows
+# of bench/kernels.py for the plain norm.
 @triton.jit(do_not_specialize=["L"])
 def _layer_norm_row_kernel(
     X, Y, G,                  # x [B, L, C]; with HAS_RESIDUAL y [B, L, C] and (HAS_GATE) gate [B, 1, C]

@@ -105,6 +105,19 @@ def _scale(x, rstd, w):
 
 
 # Token counts vary per video: no recompilation for each one's divisibility.
+@triton.jit
+def _normalize_chunk(src, W, dst, cols, mask, rstd, cos, sin, HAS_ROPE: tl.constexpr, CHUNK: tl.constexpr):
+    """Pass 2 of the chunked kernel for one tensor (q or k): re-read a chunk of its row, scale by
+    rstd and the weight, rotate, store."""
+    x = tl.load(src + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    # Weights are cast to the activation dtype first, as w.to(x.dtype) does.
+    w = tl.load(W + cols, mask=mask, other=0.0).to(src.dtype.element_ty)
+    x = _scale(x, rstd, w)
+    if HAS_ROPE:
+        x = _rotate(x, cos, sin, CHUNK)
+    tl.store(dst + cols, x.to(dst.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["L"])
 def _rms_norm_rope_kernel(
     Q, K,                     # inputs [B, L, C], unit stride along C
@@ -145,26 +158,17 @@ def _rms_norm_rope_kernel(
     for i in tl.static_range(NCHUNK):
         cols = i * CHUNK + offs
         mask = cols < C
+        cos = 0.0                                                # cos and sin: unused without RoPE
+        sin = 0.0
         if HAS_ROPE:
             # Pair p of the row is pair p % HALF_D of its head; every head shares the token's angles.
             p = i * (CHUNK // 2) + tl.arange(0, CHUNK // 2)
             pm = p < C // 2
             cos = tl.load(COS + l * HALF_D + p % HALF_D, mask=pm, other=0.0)
             sin = tl.load(SIN + l * HALF_D + p % HALF_D, mask=pm, other=0.0)
-        x = tl.load(q_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        # Weights are cast to the activation dtype first, as w.to(x.dtype) does.
-        w = tl.load(WQ + cols, mask=mask, other=0.0).to(Q.dtype.element_ty)
-        x = _scale(x, rstd_q, w)
-        if HAS_ROPE:
-            x = _rotate(x, cos, sin, CHUNK)
-        tl.store(QO + row * C + cols, x.to(QO.dtype.element_ty), mask=mask)
+        _normalize_chunk(q_row, WQ, QO + row * C, cols, mask, rstd_q, cos, sin, HAS_ROPE, CHUNK)
         if HAS_K:
-            x = tl.load(k_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            w = tl.load(WK + cols, mask=mask, other=0.0).to(K.dtype.element_ty)
-            x = _scale(x, rstd_k, w)
-            if HAS_ROPE:
-                x = _rotate(x, cos, sin, CHUNK)
-            tl.store(KO + row * C + cols, x.to(KO.dtype.element_ty), mask=mask)
+            _normalize_chunk(k_row, WK, KO + row * C, cols, mask, rstd_k, cos, sin, HAS_ROPE, CHUNK)
 
 
 # The first version, kept for the old-vs-new rows of bench/kernels.py: the whole row held in
