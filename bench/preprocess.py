@@ -83,11 +83,11 @@ MEDIAPIPE_MODELS = (
 # ----------------------------------------------------------------------------- stage timing
 
 class Stages:
-    """Seconds spent per stage; `with st("pose"):` adds the block's time, `st.iter("decode", it)`
-    adds the time spent waiting for each item of an iterator."""
+    """Seconds spent per stage: the `timer` of engine/preprocess.preprocess(), which enters
+    `with st(stage):` around each stage's work (and around each wait for a decoded frame)."""
 
     def __init__(self) -> None:
-        self.seconds = {s: 0.0 for s in STAGES}
+        self.seconds = {s: 0.0 for s in ("load",) + STAGES}
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
@@ -96,18 +96,6 @@ class Stages:
             yield
         finally:
             self.seconds[stage] += time.perf_counter() - t
-
-    def iter(self, stage: str, it):
-        it = iter(it)
-        while True:
-            t = time.perf_counter()
-            try:
-                x = next(it)
-            except StopIteration:
-                self.seconds[stage] += time.perf_counter() - t
-                return
-            self.seconds[stage] += time.perf_counter() - t
-            yield x
 
 
 def make_clip(video: Path, n: int, dest: Path) -> Path:
@@ -124,113 +112,6 @@ def make_clip(video: Path, n: int, dest: Path) -> Path:
             w.write(frame)
     return Path(dest)
 
-
-def staged_run(est, image_path: Path, video_path: Path, mode: str, out_dir: Path, *,
-               max_frames: int | None = None, fps: float = 30, area_wh=(1280, 720), batch_size: int = 8,
-               limits=None) -> dict:
-    """The pipeline's steps (same functions, same order, same defaults) with a timer per stage.
-    Returns {"frames", "seconds", "stages": {stage: s}, "person_rate", "mask_source"}."""
-    from wanimate.engine.preprocess import face as F
-    from wanimate.engine.preprocess import masks as M
-    from wanimate.engine.preprocess import pipeline as P
-    from wanimate.engine.preprocess.keypoints import normalise_sequence
-    from wanimate.engine.preprocess.resize import resize_by_area, size_by_area
-    from wanimate.engine.video import (MediaLimits, VideoWriter, frame_indices, iter_frames,
-                                       load_image, probe_video)
-
-    limits = limits or MediaLimits()
-    st = Stages()
-    t0 = time.perf_counter()
-    area = int(area_wh[0]) * int(area_wh[1])
-    ref = load_image(image_path, limits)
-    info = probe_video(video_path, limits)
-    indices = frame_indices(info.n_frames, info.fps, fps, info.duration_s, clamp=True)[:max_frames]
-    work_w, work_h = (size_by_area(info.width, info.height, area) if mode == "replace"
-                      else (info.width, info.height))
-
-    def frames():
-        with iter_frames(video_path, limits, indices=indices) as stream:
-            for f in stream:
-                yield resize_by_area(f, area) if mode == "replace" else f
-
-    selfie, mask_source, masks = None, None, {}
-    if mode == "replace":
-        if est.name == "official":
-            from wanimate.engine.preprocess.embedded import available
-            if available():
-                selfie, mask_source = P._SelfieMasks(), "mediapipe-selfie-segmentation"
-            else:
-                mask_source = "pose-region"
-        else:
-            mask_source = "mediapipe-pose-segmentation"
-    try:
-        kps, person = [], []
-        for batch in P._batches(st.iter("decode", frames()), batch_size):
-            with st("pose"):
-                found = est(batch)
-            for f, fp in zip(batch, found):
-                kps.append(fp.keypoints)
-                person.append(fp.person)
-                if mode == "replace":
-                    # kept in memory here (the pipeline keeps them as PNGs: a few ms a frame)
-                    with st("masks"):
-                        if fp.mask is not None:
-                            masks[len(kps) - 1] = fp.mask
-                        elif selfie is not None:
-                            masks[len(kps) - 1] = selfie(f, fp.bbox)
-        n = len(kps)
-        with st("face"):
-            metas = normalise_sequence(kps, work_w, work_h)
-            fill = P.face_boxes(metas)
-        if mode == "animate":
-            ref_r = resize_by_area(ref, area)
-            out_h, out_w = ref_r.shape[:2]
-            with st("pose"):
-                est.image(ref_r)
-        else:
-            out_w, out_h = work_w, work_h
-        render = P.PoseRenderer(out_w, out_h, None)
-        with st("encode"):
-            writers = {"pose": VideoWriter(out_dir / "src_pose.mp4", fps, out_w, out_h),
-                       "face": VideoWriter(out_dir / "src_face.mp4", fps, F.FACE_SIZE, F.FACE_SIZE)}
-            if mode == "replace":
-                writers["bg"] = VideoWriter(out_dir / "src_bg.mp4", fps, work_w, work_h)
-                writers["mask"] = VideoWriter(out_dir / "src_mask.mp4", fps, work_w, work_h)
-        try:
-            for t, frame in enumerate(st.iter("decode", frames())):
-                with st("draw"):
-                    pose = render(metas[t], t)
-                with st("face"):
-                    face = F.crop_face(frame, tuple(int(v) for v in fill.boxes[t]))
-                if mode == "replace":
-                    with st("masks"):
-                        mask = masks.get(t)
-                        if mask is None:
-                            mask = M.pose_region_mask(metas[t], work_h, work_w)
-                        bg, mk = P.replace_frames(frame, mask, M.DEFAULT_K, M.DEFAULT_ITERATIONS,
-                                                  *M.DEFAULT_GRID)
-                with st("encode"):
-                    writers["pose"].write(pose)
-                    writers["face"].write(face)
-                    if mode == "replace":
-                        writers["bg"].write(bg)
-                        writers["mask"].write(mk)
-            with st("encode"):
-                for w in writers.values():
-                    w.close()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
-    finally:
-        if selfie is not None:
-            selfie.close()
-    seconds = time.perf_counter() - t0
-    return {"frames": n, "seconds": seconds, "stages": st.seconds,
-            "person_rate": float(np.mean(person)) if person else 0.0, "mask_source": mask_source}
-
-
-# ------------------------------------------------------------------------ ONNX stand-ins
 
 def _template_heatmaps() -> np.ndarray:
     """[1, 133, 64, 48] Gaussian peaks on a standing person's keypoints (heatmap cells)."""
@@ -504,62 +385,34 @@ def _env() -> dict:
     return env
 
 
-def _backend(name: str, ckpts: dict, mode: str, batch_size: int):
-    from wanimate.engine.preprocess import official as O
-    if name == "embedded":
-        from wanimate.engine.preprocess.embedded import EmbeddedBackend
-        return EmbeddedBackend(segment=(mode == "replace"))
-    return O.OfficialBackend(ckpts[name.split("-", 1)[1]], batch_size=batch_size)
-
-
 def _gpu_used(providers: list[str]) -> bool:
     return any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers)
 
 
 def run_row(backend: str, mode: str, args, ckpts: dict, e2e: bool) -> dict:
+    """One preprocess() run on the examples: "staged" with a timer per stage (throughput over the
+    run without the model load), "e2e" without timers (the plain call, as a user makes it)."""
     from wanimate.engine.preprocess import preprocess
     from wanimate.engine.video import MediaLimits
 
     # a stuck decoder fails its row after this long instead of eating the whole GPU slot
     limits = MediaLimits(timeout_s=args.decode_timeout_s)
     row = {"backend": backend, "mode": mode, "what": "e2e" if e2e else "staged"}
-    with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp:
-        tmp = Path(tmp)
-        if e2e:
-            fps = 30.0
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                res = preprocess(args.image, args.video, tmp / "out", mode=mode,
-                                 backend=backend.split("-")[0],
-                                 ckpt_dir=ckpts.get(backend.split("-", 1)[-1]), fps=fps,
-                                 progress=False,
-                                 batch_size=args.batch_size, limits=limits)
-            row.update(frames=res.n_frames, seconds=res.seconds, fps=res.throughput_fps,
-                       pose_pass_fps=res.pose_fps, providers=res.providers, mask_source=res.mask_source,
-                       person_rate=res.person_rate, gpu_used=_gpu_used(res.providers),
-                       warnings=[str(w.message) for w in caught][:5])
-            return row
-        t = time.perf_counter()
-        est = _backend(backend, ckpts, mode, args.batch_size)
-        row["load_s"] = time.perf_counter() - t
-        try:
-            # one warm-up batch: graph/session initialisation is not throughput
-            from wanimate.engine.video import load_image
-            warm = load_image(args.image)
-            t = time.perf_counter()
-            est([warm])
-            row["warmup_s"] = time.perf_counter() - t
-            if backend == "embedded":         # MediaPipe tracks from frame to frame: start afresh
-                est.close()
-                est = _backend(backend, ckpts, mode, args.batch_size)
-            r = staged_run(est, args.image, args.video, mode, tmp, batch_size=args.batch_size,
-                           limits=limits)
-            providers = list(est.providers)
-        finally:
-            est.close()
-    row.update(r, fps=r["frames"] / r["seconds"], providers=providers, gpu_used=_gpu_used(providers))
-    row["stage_fps"] = {s: (r["frames"] / v if v > 0 else None) for s, v in r["stages"].items()}
-    row["other_s"] = r["seconds"] - sum(r["stages"].values())
+    st = None if e2e else Stages()
+    with tempfile.TemporaryDirectory(prefix="prep-bench-") as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = preprocess(args.image, args.video, Path(tmp) / "out", mode=mode, backend=backend.split("-")[0],
+                         ckpt_dir=ckpts.get(backend.split("-", 1)[-1]), fps=30.0, progress=False,
+                         batch_size=args.batch_size, limits=limits, timer=st)
+    row.update(frames=res.n_frames, seconds=res.seconds, fps=res.throughput_fps, pose_pass_fps=res.pose_fps,
+               providers=res.providers, mask_source=res.mask_source, person_rate=res.person_rate,
+               gpu_used=_gpu_used(res.providers), warnings=[str(w.message) for w in caught][:5])
+    if st is not None:
+        stages = dict(st.seconds)
+        row["load_s"] = stages.pop("load")
+        run_s = res.seconds - row["load_s"]
+        row.update(stages=stages, fps=res.n_frames / run_s, other_s=run_s - sum(stages.values()),
+                   stage_fps={k: (res.n_frames / v if v > 0 else None) for k, v in stages.items()})
     return row
 
 

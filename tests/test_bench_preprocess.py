@@ -38,8 +38,9 @@ def test_stages_time_blocks_and_iterator_waits():
         for i in range(3):
             time.sleep(0.02)
             yield i
+    from wanimate.engine.preprocess.pipeline import _timed
     got = []
-    for x in st.iter("decode", slow()):
+    for x in _timed(st, "decode", slow()):
         got.append(x)
         time.sleep(0.03)            # the consumer's time is not decode time
     assert got == [0, 1, 2]
@@ -118,25 +119,25 @@ def _decoded(path: Path, n: int | None = None) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["animate", "replace"])
-def test_staged_run_writes_what_preprocess_writes(standins, tmp_path, mode):
-    """The bench times the pipeline's own steps: same frames in, same videos out."""
-    from wanimate.engine.preprocess import official as O
+def test_stage_timer_sees_every_stage_and_changes_nothing(standins, tmp_path, mode):
+    """preprocess(timer=...) (what the bench's staged rows run): every stage of the mode gets time,
+    the stages fit in the run, and the videos are those of the untimed call."""
     from wanimate.engine.preprocess import preprocess
 
     clip = bench.make_clip(VIDEO, 5, tmp_path / "clip.mp4")
-    staged = tmp_path / "staged"
-    staged.mkdir()
-    r = bench.staged_run(O.OfficialBackend(standins["tiny"]), IMAGE, clip, mode, staged)
-    assert r["frames"] == 5 and r["person_rate"] == 1.0
-    assert sum(r["stages"].values()) <= r["seconds"]
-    assert all(r["stages"][s] > 0 for s in ("decode", "pose", "face", "draw", "encode"))
-    assert (r["stages"]["masks"] > 0) == (mode == "replace")
+    st = bench.Stages()
     with pytest.warns(Warning):     # shorter than a segment
-        res = preprocess(IMAGE, clip, tmp_path / "e2e", mode=mode, backend="official",
-                         ckpt_dir=standins["tiny"], progress=False)
-    assert res.n_frames == 5 and r["mask_source"] == res.mask_source
+        timed = preprocess(IMAGE, clip, tmp_path / "timed", mode=mode, backend="official",
+                           ckpt_dir=standins["tiny"], progress=False, timer=st)
+    with pytest.warns(Warning):
+        plain = preprocess(IMAGE, clip, tmp_path / "plain", mode=mode, backend="official",
+                           ckpt_dir=standins["tiny"], progress=False)
+    assert timed.n_frames == plain.n_frames == 5
+    assert sum(st.seconds.values()) <= timed.seconds
+    assert all(st.seconds[s] > 0 for s in ("load", "decode", "pose", "face", "draw", "encode"))
+    assert (st.seconds["masks"] > 0) == (mode == "replace")
     for name in ("src_pose.mp4", "src_face.mp4") + (("src_bg.mp4", "src_mask.mp4") if mode == "replace" else ()):
-        np.testing.assert_array_equal(_decoded(staged / name), _decoded(res.out_dir / name))
+        np.testing.assert_array_equal(_decoded(timed.out_dir / name), _decoded(plain.out_dir / name))
 
 
 @pytest.mark.slow

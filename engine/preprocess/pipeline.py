@@ -18,6 +18,7 @@ uses them with the official model outputs stored in the fixtures.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -381,17 +382,21 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
                max_duration_s: float = DEFAULT_MAX_DURATION_S, progress: bool = True,
                limits=None, mask_kernel: int = M.DEFAULT_K,
                mask_iterations: int = M.DEFAULT_ITERATIONS, mask_grid: tuple[int, int] = M.DEFAULT_GRID,
-               batch_size: int = 8, overwrite: bool = False, engine_dir=None) -> PreprocessResult:
+               batch_size: int = 8, overwrite: bool = False, engine_dir=None,
+               timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> PreprocessResult:
     """Turn a driving video and a reference image into generation's input folder.
 
     Writes src_pose.mp4, src_face.mp4 (512x512), src_ref.png (a byte copy of the image, as the
     official code writes it) and, with mode='replace', src_bg.mp4 and src_mask.mp4, all at `fps`,
-    plus preprocess.json (what was done). See the module docstring for the flow."""
+    plus preprocess.json (what was done). See the module docstring for the flow.
+    `timer(stage)` (bench/preprocess.py) is entered around each stage's work: "load", "decode"
+    (waiting for a frame), "pose", "face", "masks", "draw", "encode"."""
     from tqdm import tqdm
 
     from ..video import MediaLimits, iter_frames, load_image, probe_video, frame_indices
 
     t_start = time.perf_counter()
+    timer = timer or _untimed
     _check_args(mode, retarget, fps, resolution_area, max_duration_s, mask_kernel, mask_iterations,
                 mask_grid, batch_size)
     limits = limits or MediaLimits()
@@ -420,11 +425,12 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
 
     def frames_stream() -> Iterator[np.ndarray]:
         with iter_frames(video_path, limits, indices=indices) as stream:
-            for f in stream:
+            for f in _timed(timer, "decode", stream):
                 yield resize_by_area(f, area) if mode == "replace" else f
 
-    est = select_backend(backend, ckpt_dir, segment=(mode == "replace"), batch_size=batch_size,
-                         engine_dir=engine_dir)
+    with timer("load"):
+        est = select_backend(backend, ckpt_dir, segment=(mode == "replace"), batch_size=batch_size,
+                             engine_dir=engine_dir)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     selfie = None
     try:
@@ -449,17 +455,19 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
         t1 = time.perf_counter()
         bar = tqdm(total=len(indices), desc="pose", unit="frame", disable=not progress, leave=False)
         for batch in _batches(frames_stream(), batch_size):
-            found = est(batch)
+            with timer("pose"):
+                found = est(batch)
             for f, fp in zip(batch, found):
                 t = len(kps)
                 kps.append(fp.keypoints)
                 person.append(fp.person)
                 people.append(fp.n_people)
                 if store is not None:
-                    if fp.mask is not None:
-                        store.put(t, fp.mask)
-                    elif selfie is not None:
-                        store.put(t, selfie(f, fp.bbox))
+                    with timer("masks"):
+                        if fp.mask is not None:
+                            store.put(t, fp.mask)
+                        elif selfie is not None:
+                            store.put(t, selfie(f, fp.bbox))
             bar.update(len(batch))
         bar.close()
         n = len(kps)
@@ -483,9 +491,10 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
             _warn(msgs, f"only {n} frames, shorter than one {SEGMENT_FRAMES}-frame generation segment; "
                         "generation will pad it by reflection (ping-pong)")
 
-        metas = normalise_sequence(kps, work_w, work_h)
-        del kps
-        fill = face_boxes(metas)
+        with timer("face"):
+            metas = normalise_sequence(kps, work_w, work_h)
+            del kps
+            fill = face_boxes(metas)
         if fill.from_head:
             _warn(msgs, "no face was found in any frame; face crops are placed from the head keypoints")
         elif fill.interpolated or fill.held:
@@ -498,7 +507,8 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
         if mode == "animate":
             ref_r = resize_by_area(ref, area)
             out_h, out_w = ref_r.shape[:2]
-            ref_fp = est.image(ref_r)
+            with timer("pose"):
+                ref_fp = est.image(ref_r)
             if not ref_fp.person:
                 if retarget:
                     raise NoPersonError(f"no person was found in the reference image {image_path}; "
@@ -513,8 +523,9 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
 
         # ---- SAM-2 masks (official backend in replace mode): its own pass, chunk by chunk
         if sam is not None:
-            for t, m in enumerate(sam_masks(sam, _ListLike(frames_stream, n), metas, scratch)):
-                store.put(t, m)
+            with timer("masks"):
+                for t, m in enumerate(sam_masks(sam, _ListLike(frames_stream, n), metas, scratch)):
+                    store.put(t, m)
 
         # ---- pass 2: render and encode
         from ..video import VideoWriter
@@ -522,34 +533,43 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
         files = {"pose": scratch / "src_pose.mp4", "face": scratch / "src_face.mp4"}
         if mode == "replace":
             files.update(bg=scratch / "src_bg.mp4", mask=scratch / "src_mask.mp4")
-        writers = {"pose": VideoWriter(files["pose"], out_fps, out_w, out_h),
-                   "face": VideoWriter(files["face"], out_fps, F.FACE_SIZE, F.FACE_SIZE)}
-        if mode == "replace":
-            writers["bg"] = VideoWriter(files["bg"], out_fps, work_w, work_h)
-            writers["mask"] = VideoWriter(files["mask"], out_fps, work_w, work_h)
+        with timer("encode"):
+            writers = {"pose": VideoWriter(files["pose"], out_fps, out_w, out_h),
+                       "face": VideoWriter(files["face"], out_fps, F.FACE_SIZE, F.FACE_SIZE)}
+            if mode == "replace":
+                writers["bg"] = VideoWriter(files["bg"], out_fps, work_w, work_h)
+                writers["mask"] = VideoWriter(files["mask"], out_fps, work_w, work_h)
         try:
             bar = tqdm(total=n, desc="render", unit="frame", disable=not progress, leave=False)
             t = 0
             for frame in frames_stream():
                 if t >= n:
                     break
-                writers["pose"].write(render(metas[t], t))
-                writers["face"].write(F.crop_face(frame, tuple(int(v) for v in fill.boxes[t])))
+                with timer("draw"):
+                    pose = render(metas[t], t)
+                with timer("face"):
+                    face = F.crop_face(frame, tuple(int(v) for v in fill.boxes[t]))
+                with timer("encode"):
+                    writers["pose"].write(pose)
+                    writers["face"].write(face)
                 if mode == "replace":
-                    mask = store.get(t)
-                    if mask is None:
-                        mask = M.pose_region_mask(metas[t], work_h, work_w)
-                    bg, mk = replace_frames(frame, mask, mask_kernel, mask_iterations, *mask_grid)
-                    writers["bg"].write(bg)
-                    writers["mask"].write(mk)
+                    with timer("masks"):
+                        mask = store.get(t)
+                        if mask is None:
+                            mask = M.pose_region_mask(metas[t], work_h, work_w)
+                        bg, mk = replace_frames(frame, mask, mask_kernel, mask_iterations, *mask_grid)
+                    with timer("encode"):
+                        writers["bg"].write(bg)
+                        writers["mask"].write(mk)
                 t += 1
                 bar.update(1)
             bar.close()
             if t < n:
                 raise MediaError(f"{video_path}: the second read gave {t} frames, the first {n}; "
                                  "the file changed or decodes inconsistently")
-            for w in writers.values():
-                w.close()
+            with timer("encode"):
+                for w in writers.values():
+                    w.close()
         except BaseException:
             for w in writers.values():
                 w.abort()
@@ -586,6 +606,22 @@ def preprocess(image_path, video_path, out_dir, *, mode: str = "animate", retarg
         print(f"preprocess: {n} frames in {seconds:.1f} s = {result.throughput_fps:.2f} frames/s "
               f"(pose pass {pose_fps:.2f} frames/s, backend {est.name})")
     return result
+
+
+def _untimed(stage: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _timed(timer, stage: str, items: Iterable) -> Iterator:
+    """The items of `items`, with the wait for each one inside timer(stage)."""
+    it = iter(items)
+    while True:
+        with timer(stage):
+            try:
+                x = next(it)
+            except StopIteration:
+                return
+        yield x
 
 
 class _ListLike:
