@@ -18,14 +18,13 @@ Rows (backend x mode, on examples/drive.mp4 + examples/astronaut.jpg at the defa
   the downstream steps see a person as with real models. ONNX Runtime picks its providers with
   the engine's `pick_providers` (CUDA EP when the installed build has it, else CPU with all cores).
 
-Each row runs the pipeline's steps (engine/preprocess/pipeline.py: pass 1 = decode + pose
-(+ masks), then face boxes and the reference pose, pass 2 = decode + draw + face crops + masks
-+ encode) with a timer around each stage: decode (the decoder child + the replace-mode resize),
-pose (detector + pose network, or MediaPipe's graph; the reference image included), face (face
-boxes and 512x512 crops), masks (segmentation, mask refinement, backgrounds), draw (pose
-rendering), encode (H.264 through the engine's VideoWriter). frames/s = frames / total seconds.
-An `e2e` row (by default for the embedded backend only) runs the real `preprocess()` on the
-same frames: its frames/s are the pipeline's own, a check on the staged rows.
+Each staged row runs the real `preprocess()` (engine/preprocess/pipeline.py) with a stage timer
+(its `timer` argument): load (building the backend), decode (waiting for the decoder child + the
+replace-mode resize), pose (detector + pose network, or MediaPipe's graph; the reference image
+included), face (face boxes and 512x512 crops), masks (segmentation, mask refinement,
+backgrounds), draw (pose rendering), encode (H.264 through the engine's VideoWriter).
+frames/s = frames / seconds without the load. An `e2e` row (by default for the embedded backend
+only) runs the same call without the timer: the plain user-facing number.
 
 The GPU: none of these paths uses it unless ONNX Runtime has the CUDA EP. MediaPipe's Python
 solutions run their *_cpu.binarypb graphs (TFLite + XNNPACK on the CPU) on Linux; the JSON
