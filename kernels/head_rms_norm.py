@@ -19,16 +19,14 @@ import triton
 import triton.language as tl
 
 from ..engine.errors import ValidationError
+from ..engine.model import rms_norm
 
 # 2048-element tiles (16 rows of 128) over 4 warps: measured on an H200 at 480p as the best of the
 # tile x warps sweep (0.82 of the copy ceiling vs 0.74 with 4096; bench/results/kernels_h200_qkv.log).
 _TILE = 2048
 
 
-def head_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """engine/model.py rms_norm over the last axis."""
-    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return normed.type_as(x) * weight.to(x.dtype)
+head_rms_norm_ref = rms_norm         # engine/model.py's rms_norm over the last axis (head_dim)
 
 
 # Token counts vary per video: no recompilation for each one's divisibility.

@@ -34,11 +34,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..engine.errors import ValidationError
+from ..engine.model import layer_norm as model_layer_norm
 from .rms_norm_rope import chunk_settings, row_settings
 
 
@@ -49,9 +49,7 @@ from .rms_norm_rope import chunk_settings, row_settings
 def layer_norm_ref(x: torch.Tensor, eps: float, out_dtype: torch.dtype, weight=None, bias=None, scale=None,
                    shift=None) -> torch.Tensor:
     """x [B, L, C] -> LayerNorm [affine] [modulated] in out_dtype, rounded like Block.forward."""
-    w = weight.float() if weight is not None else None
-    b = bias.float() if bias is not None else None
-    n = F.layer_norm(x.float(), x.shape[-1:], w, b, eps).type_as(x)
+    n = model_layer_norm(x, eps, weight, bias).type_as(x)
     if scale is not None:
         n = n.float() * (1 + scale) + shift
     return n.to(out_dtype)

@@ -42,25 +42,16 @@ import triton
 import triton.language as tl
 
 from ..engine.errors import ValidationError
+from ..engine.model import apply_rope, rms_norm
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """engine/model.py rms_norm: normalise in fp32, round to x.dtype, scale in x.dtype."""
-    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return normed.type_as(x) * weight.to(x.dtype)
-
-
-def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """engine/model.py apply_rope on x [B, L, H, D]: interleaved pairs rotated in fp32, returns fp32."""
-    b, l, h, d = x.shape
-    xr = x.float().view(b, l, h, d // 2, 2)
-    x0, x1 = xr[..., 0], xr[..., 1]
-    c, s = cos.view(1, l, 1, -1), sin.view(1, l, 1, -1)
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).view(b, l, h, d)
+# The model's own functions are the references: what the kernel replaces, not a copy of it.
+rms_norm_ref = rms_norm              # normalise in fp32, round to x.dtype, scale in x.dtype
+rope_ref = apply_rope                # interleaved pairs of [B, L, H, D] rotated in fp32, returns fp32
 
 
 def rms_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
