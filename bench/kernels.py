@@ -25,7 +25,10 @@ memory and goes on; the JSON is rewritten after each row, so a timeout keeps wha
 One model is built at a time and freed (14B bf16 = 34.5 GB). rel_l2 is against the wanimate
 reference row of the same size (same weights and inputs); diffusers has other random weights.
 
-Timing: CUDA events around each call after warm-up, median of repeats (perf_counter on the CPU).
+Timing: CUDA events around each call after warm-up, calls enqueued back to back, median of repeats
+(perf_counter on the CPU). Kernel rows also give the kernels' own time from torch.profiler
+(kernel_us), the time with a synchronize after every call (us_sync_each: includes the host's launch
+time, the way the first rounds were timed) and the host's time per call (host_us).
 """
 from __future__ import annotations
 
@@ -234,6 +237,7 @@ def kernel_cases(b: Bench, tokens: int, width: int, heads: int):
 
 
 def bench_kernels(b: Bench, sizes):
+    from wanimate.bench.timing import host_seconds, kernel_seconds
     width, heads = (5120, 40) if b.cuda else (256, 2)
     reps, warm = (20, 3) if b.cuda else (1, 1)
     copy_gbs = b.results["copy"]["gb_s"]
@@ -246,6 +250,13 @@ def bench_kernels(b: Bench, sizes):
                 t, _ = b.time(op, warmup=warm, reps=reps)
                 row = {"us": round(t * 1e6, 1), "mbytes": round(nbytes / 1e6, 1), "gb_s": round(nbytes / t / 1e9, 1),
                        "of_copy": round(nbytes / t / 1e9 / copy_gbs, 3)}
+                if b.cuda:
+                    # The same op three more ways: the kernels' own time (profiler), the old
+                    # sync-after-every-call timing (adds the host's launch time), the host alone.
+                    tk = kernel_seconds(op)
+                    ts, _ = b.time(op, warmup=1, reps=reps, sync_each=True)
+                    row.update(kernel_us=round(tk * 1e6, 1), of_copy_kernel=round(nbytes / tk / 1e9 / copy_gbs, 3),
+                               us_sync_each=round(ts * 1e6, 1), host_us=round(host_seconds(op) * 1e6, 1))
                 if ref is not None:
                     tr, _ = b.time(ref, warmup=warm, reps=max(2, reps // 4))
                     row.update(ref_us=round(tr * 1e6, 1), speedup_vs_ref=round(tr / t, 2))
@@ -620,13 +631,17 @@ def summarize(b: Bench):
     r = b.results
     print("\n== copy ceiling:", r["copy"])
     print("\n== kernels (GB/s = bytes the op must move / median time; of_copy = fraction of the ceiling)")
-    print(f"{'kernel':48s} {'size':5s} {'us':>9s} {'GB/s':>8s} {'of_copy':>8s} {'ref_us':>9s} {'x ref':>6s}  best")
+    print("   (kernel_us: profiler kernel time; sync_us: synchronized after each call; host_us: launch time)")
+    print(f"{'kernel':48s} {'size':5s} {'us':>9s} {'GB/s':>8s} {'of_copy':>8s} {'kernel_us':>9s} {'of_copy_k':>9s} "
+          f"{'sync_us':>8s} {'host_us':>8s} {'ref_us':>9s} {'x ref':>6s}  best")
+    nan = float("nan")
     for k in r["kernels"]:
         if "error" in k:
             print(f"{k['kernel']:48s} {k['size']:5s} ERROR {k['error']}")
         elif "us" in k:
             print(f"{k['kernel']:48s} {k['size']:5s} {k['us']:9.1f} {k['gb_s']:8.1f} {k['of_copy']:8.3f} "
-                  f"{k.get('ref_us', float('nan')):9.1f} {k.get('speedup_vs_ref', float('nan')):6.2f}  "
+                  f"{k.get('kernel_us', nan):9.1f} {k.get('of_copy_kernel', nan):9.3f} {k.get('us_sync_each', nan):8.1f} "
+                  f"{k.get('host_us', nan):8.1f} {k.get('ref_us', nan):9.1f} {k.get('speedup_vs_ref', nan):6.2f}  "
                   f"{k.get('best_setting', '')} {k.get('best_of_copy', '')}")
         else:
             print(f"{k['kernel']:48s} {k['size']:5s} " + ", ".join(f"{a}={v}" for a, v in k.items()

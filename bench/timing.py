@@ -13,23 +13,59 @@ from pathlib import Path
 from typing import Callable
 
 
-def time_calls(fn: Callable[[], object], device, reps: int) -> list[float]:
-    """Seconds of each of `reps` calls of fn (at least one)."""
+def time_calls(fn: Callable[[], object], device, reps: int, *, sync_each: bool = False) -> list[float]:
+    """Seconds of each of `reps` calls of fn (at least one).
+
+    On a GPU the calls are enqueued back to back, an event pair around each, one synchronize at the
+    end: while the host stays ahead of the GPU, each pair measures the GPU's time for that call
+    alone. sync_each=True synchronizes after every call instead, so each call starts on an idle GPU
+    and its pair also holds the host's time to reach the first launch (Python, dispatch, launcher),
+    which is how sub-millisecond kernels looked slower through a custom op than launched directly
+    (bench/results/op_timing_*.log)."""
     import torch
-    times = []
-    for _ in range(max(1, reps)):
-        if torch.device(device).type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
+    reps = max(1, reps)
+    if torch.device(device).type != "cuda":
+        times = []
+        for _ in range(reps):
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
-    return times
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+        if sync_each:
+            end.synchronize()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def kernel_seconds(fn: Callable[[], object], calls: int = 5) -> float:
+    """GPU kernel time per call of fn from torch.profiler (the sum of its CUDA kernels' durations /
+    calls): what the kernels themselves take, whatever the host does between them."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / calls / 1e6
+
+
+def host_seconds(fn: Callable[[], object], calls: int = 10) -> float:
+    """Host time per call of fn (enqueue only; the GPU may still be running): launch overhead."""
+    import torch
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t) / calls
+    torch.cuda.synchronize()
+    return host
 
 
 class RowBench:
@@ -52,8 +88,9 @@ class RowBench:
         if self.cuda:
             self.torch.cuda.synchronize()
 
-    def time(self, fn, *, warmup: int, reps: int) -> tuple[float, float]:
-        """(median seconds, first-call seconds); the first call is the first warm-up."""
+    def time(self, fn, *, warmup: int, reps: int, sync_each: bool = False) -> tuple[float, float]:
+        """(median seconds, first-call seconds); the first call is the first warm-up. Calls are
+        timed back to back unless sync_each (see time_calls)."""
         t0 = time.perf_counter()
         fn()
         self.sync()
@@ -61,7 +98,7 @@ class RowBench:
         for _ in range(warmup - 1):
             fn()
         self.sync()
-        return statistics.median(time_calls(fn, self.device, reps)), first
+        return statistics.median(time_calls(fn, self.device, reps, sync_each=sync_each)), first
 
     def free(self):
         gc.collect()
