@@ -39,7 +39,7 @@ CATEGORIES = [
     ("attention", re.compile(r"flash|fmha|attn|attention|sdpa|cudnn_generated|_sage|softmax", re.I)),
     ("conv", re.compile(r"conv|fprop|dgrad|wgrad|implicit|winograd", re.I)),
     ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|addmm|matmul", re.I)),
-    ("triton (wanimate)", re.compile(r"^_(layer_norm|rms_norm|head_rms|gated_residual|quant|int8)", re.I)),
+    ("triton (wanimate)", re.compile(r"^_(layer_norm|rms_norm|head_rms|gated_residual|quant|int8|blur|bias_act)", re.I)),
     ("copy", re.compile(r"copy|cat|index|transpose|contiguous", re.I)),
     ("elementwise/reduce", re.compile(r"elementwise|vectorized|reduce|unrolled|norm|gelu|silu|mul|add", re.I)),
 ]

@@ -21,11 +21,13 @@ Work that does not depend on the denoising step (motion/face features, the text+
 its cross-attention keys/values, pose tokens, RoPE tables) is done once by `prepare()` and reused by
 every `denoise()` call of a segment; `forward()` does both, like the official forward.
 
-Fused kernels. Modules with a `kernels` attribute (Block, SelfAttention, CrossAttention, FaceBlock)
-have a second path through the Triton kernels in kernels/ (same math and rounding points, fewer
-passes over the [B, L, C] stream). It is off by default; engine/transforms.py `use_kernels` turns it
-on, and each call still falls back to the reference unless `kernels.supported(...)` says the kernels
-can take its tensors (CUDA, triton installed, bf16/fp32).
+Fused kernels. Modules with a `kernels` attribute (Block, SelfAttention, CrossAttention, FaceBlock,
+and the motion encoder's Blur, BiasLeakyReLU, MotionResBlock) have a second path through the Triton
+kernels in kernels/ (same math, fewer passes over memory; the DiT's kernels round where the
+reference rounds, the motion encoder's once per fused chain). It is off by default;
+engine/transforms.py `use_kernels` turns it on, and each call still falls back to the reference
+unless `kernels.supported(...)` says the kernels can take its tensors (CUDA, triton installed,
+bf16/fp32).
 """
 from __future__ import annotations
 
@@ -155,8 +157,11 @@ class BiasLeakyReLU(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.kernels = False
 
     def forward(self, x):
+        if self.kernels and kernels.supported(x, self.bias):
+            return ops.bias_act(x, self.bias.view(-1))                     # one pass, one rounding
         return F.leaky_relu(x + self.bias, 0.2) * math.sqrt(2.0)
 
 
@@ -169,8 +174,11 @@ class Blur(nn.Module):
         k = torch.tensor([1.0, 3.0, 3.0, 1.0])
         self.register_buffer("kernel", torch.outer(k, k) / 64.0)
         self.pad = pad
+        self.kernels = False
 
     def forward(self, x):
+        if self.kernels and kernels.supported(x):
+            return ops.blur(x, *self.pad)                                  # the padding is the kernel's mask
         c = x.shape[1]
         x = F.pad(x, [self.pad[0], self.pad[1], self.pad[0], self.pad[1]])
         return F.conv2d(x, self.kernel.to(x.dtype).expand(c, 1, 4, 4), groups=c)
@@ -184,9 +192,16 @@ class MotionResBlock(nn.Module):
         self.conv1 = nn.Sequential(EqualConv2d(cin, cin, 3, padding=1), BiasLeakyReLU(cin))
         self.conv2 = nn.Sequential(Blur((2, 2)), EqualConv2d(cin, cout, 3, stride=2), BiasLeakyReLU(cout))
         self.skip = nn.Sequential(Blur((1, 1)), EqualConv2d(cin, cout, 1, stride=2))
+        self.kernels = False
 
     def forward(self, x):
-        return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2.0)
+        h = self.conv1(x)
+        skip = self.skip(x)
+        act = self.conv2[2]
+        if self.kernels and kernels.supported(h, act.bias):
+            # conv2's bias + leaky ReLU and the merge with the skip in one pass.
+            return ops.bias_act(self.conv2[1](self.conv2[0](h)), act.bias.view(-1), skip)
+        return (self.conv2(h) + skip) / math.sqrt(2.0)
 
 
 class MotionAppearanceNet(nn.Module):
@@ -319,6 +334,11 @@ class FaceBlock(nn.Module):
         q = q.reshape(b * frames, l // frames, self.heads, -1)
         out = attention(q, k.flatten(0, 1), v.flatten(0, 1), self.backend)
         return self.linear2(out.reshape(b, l, c))
+
+    def add_to(self, x: torch.Tensor, motion: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The stream after this face block: x + forward(x) (fp32 + compute dtype -> fp32)."""
+        y = self(x, motion, dtype)
+        return ops.gated_residual(x, y, None) if self.kernels and kernels.supported(x, y) else x + y
 
 
 class FaceAdapter(nn.Module):
@@ -575,7 +595,7 @@ class WanAnimateDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, e0, cond.rope, cond.context_kv[i], dtype)
             if i % cfg.face_adapter_every == 0:
-                x = x + self.face_adapter.fuser_blocks[i // cfg.face_adapter_every](x, cond.motion, dtype)
+                x = self.face_adapter.fuser_blocks[i // cfg.face_adapter_every].add_to(x, cond.motion, dtype)
 
         x = self.head(x, e).to(dtype)        # the official prediction is rounded to the compute dtype
         return self.unpatchify(x, cond.grid).float()

@@ -8,6 +8,7 @@ with a fake implementation, so torch.compile and export see one opaque op:
     layer_norm.py      [gated residual add +] LayerNorm [+ affine | + (1 + scale) x + shift]   (Block, FaceBlock)
     gated_residual.py  x + gate * y on the fp32 residual stream   (end of Block)
     head_rms_norm.py   per-head RMSNorm, affine   (FaceBlock q and k)
+    motion.py          the motion encoder's padded 4x4 blur, and bias + leaky ReLU [+ residual merge]
 
 This package imports neither triton nor the kernel files until `load()` runs (engine/transforms.py
 `use_kernels` calls it): Triton decides between compiling and interpreting (TRITON_INTERPRET=1)
@@ -28,7 +29,7 @@ import os
 
 import torch
 
-_MODULES = ("rms_norm_rope", "layer_norm", "gated_residual", "head_rms_norm")
+_MODULES = ("rms_norm_rope", "layer_norm", "gated_residual", "head_rms_norm", "motion")
 _DTYPES = (torch.bfloat16, torch.float32)
 
 # Set once by load(): "cuda" when the kernels were compiled for the GPU, "interpreter" when Triton

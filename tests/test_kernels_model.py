@@ -68,10 +68,10 @@ def test_kernels_on_matches_reference_path(dtype, limit):
         with _CountOps() as none:
             back = model.denoise(latents, t, cond)
     # per Block: layer_norm, 2 x add_layer_norm, rms_norm_rope, rms_norm, gated_residual; per FaceBlock:
-    # layer_norm, 2 x head_rms_norm
+    # layer_norm, 2 x head_rms_norm, gated_residual (its add to the stream)
     n, f = CFG.num_layers, CFG.num_face_blocks
     assert calls.counts == {"layer_norm": n + f, "add_layer_norm": 2 * n, "rms_norm_rope": n, "rms_norm": n,
-                            "gated_residual": n, "head_rms_norm": 2 * f}
+                            "gated_residual": n + f, "head_rms_norm": 2 * f}
     assert not none.counts and torch.equal(back, ref)
     assert torch.isfinite(got).all() and _rel_l2(got, ref) <= limit
 
