@@ -45,6 +45,17 @@ def test_blur_matches_reference(shape, pads, dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("launch", [dict(variant="taps", bh=8, bw=16), dict(variant="rows", bh=4, bw=8, num_warps=1)])
+def test_blur_variants_and_tilings_agree(launch):
+    """The 2-D tap kernel and the row walker with tiles smaller than the image (ragged last tiles,
+    several row segments) give the reference blur."""
+    x = _rand(2, 3, 21, 19, dtype=torch.float32, seed=11)
+    for pads in ((2, 2), (1, 1), (0, 3)):
+        torch.testing.assert_close(K._blur_launch(x, *pads, **launch), K.blur_ref(x, *pads), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValidationError, match="variant"):
+        K._blur_launch(x, 2, 2, variant="fft")
+
+
 def test_blur_module_and_strided_input():
     """The model's Blur (its buffer, F.pad, grouped conv) equals the op, also for a non-contiguous input."""
     x = _rand(2, 4, 12, 10, dtype=torch.float32, seed=7).transpose(2, 3)        # [2, 4, 10, 12] strided
