@@ -239,9 +239,9 @@ def kernel_cases(b: Bench, tokens: int, width: int, heads: int):
             (crops.numel() + blur_out) * 2,
             [(f"{v},bh={bh},bw={bw},warps={w}",
               lambda v=v, bh=bh, bw=bw, w=w: MO._blur_launch(crops, 2, 2, variant=v, bh=bh, bw=bw, num_warps=w))
-             for v, bh, bw, w in (("rows", 32, 128, 4), ("rows", 64, 128, 4), ("rows", 16, 128, 4),
-                                  ("rows", 32, 64, 2), ("rows", 32, 256, 4), ("rows", 64, 256, 8),
-                                  ("taps", 16, 64, 4), ("taps", 8, 128, 4))],
+             for v, bh, bw, w in (("rows", 32, 256, 4), ("rows", 32, 128, 4), ("rows", 64, 256, 4),
+                                  ("rows", 16, 256, 4), ("rows", 32, 512, 4), ("rows", 32, 512, 8),
+                                  ("taps", 16, 64, 4))],
             "LIA encoder: zero pad + depthwise 4x4 binomial blur (ref: F.pad + grouped conv2d)"),
         "motion bias_act + skip [32, 64, 256, 256]": (
             lambda: ops.bias_act(feat, feat_bias, feat_skip),
