@@ -13,8 +13,8 @@ with a fake implementation, so torch.compile and export see one opaque op:
 Measured bandwidth (bench/kernels.py, H200, calls timed back to back; kernels_h200_full_r3.log):
 0.90-1.01 of a device copy for every DiT kernel here, 0.93 for bias_act, 0.32 for the blur. The
 figures quoted in the files' comments from earlier sweeps were timed with a synchronize after
-each call, which adds the host's launch time, and understate the kernels by 5-25%; the rankings
-that chose the defaults held under both timings.
+each call, which adds the host's launch time, and understate the kernels by 5-25%; re-timed,
+every default is within 1% of the best setting of its sweep.
 
 This package imports neither triton nor the kernel files until `load()` runs (engine/transforms.py
 `use_kernels` calls it): Triton decides between compiling and interpreting (TRITON_INTERPRET=1)
