@@ -504,8 +504,7 @@ def bench_wanimate(b: Bench, sizes):
     model = holder.pop("model")
     refs = {}
 
-    def forward(x):
-        return model(x["latents"], x["t"], x["y"], x["pose"], x["face"], x["text"], x["clip"])
+    forward = lambda x: wanimate_forward(model, x)
 
     def row(name, size, x, fn, *, what="forward", ref_key=None, keep_ref=False):
         def measure():
@@ -609,35 +608,41 @@ def attention_rows(b: Bench, model, row, forward, size, x, name):
         set_attention_backend(model, "sdpa", which=("self",))
 
 
+def build_diffusers(b: Bench, cfg):
+    """diffusers' WanAnimateTransformer3DModel with this config, random bf16 weights on the device."""
+    import diffusers
+    from wanimate.bench.bench import fill_diffusers_buffers_, init_random_
+    from wanimate.engine.loader import diffusers_config
+    with b.torch.device("meta"):
+        m = diffusers.WanAnimateTransformer3DModel.from_config(diffusers_config(cfg))
+    m = m.to(b.torch.bfloat16).to_empty(device=b.device)   # as the baseline, but cast before allocating
+    init_random_(m, seed=0)
+    fill_diffusers_buffers_(m)
+    return m.eval().requires_grad_(False)
+
+
+def diffusers_forward(model, x: dict):
+    return model(hidden_states=x["hidden"], timestep=x["t"].float(), encoder_hidden_states=x["text"],
+                 encoder_hidden_states_image=x["clip"], pose_hidden_states=x["pose"],
+                 face_pixel_values=x["face"], return_dict=False)[0]
+
+
+def wanimate_forward(model, x: dict):
+    return model(x["latents"], x["t"], x["y"], x["pose"], x["face"], x["text"], x["clip"])
+
+
 def bench_diffusers(b: Bench, sizes):
-    torch = b.torch
-    try:
-        import diffusers
-    except ImportError:
+    if importlib.util.find_spec("diffusers") is None:
         print("diffusers not importable: its rows are skipped", flush=True)
         b.results["dit"].append({"row": "diffusers", "skipped": "diffusers not importable"})
         return
-    from wanimate.bench.bench import fill_diffusers_buffers_, init_random_
-    from wanimate.engine.loader import diffusers_config
     cfg = dit_config(b)
-
-    def build():
-        with torch.device("meta"):
-            m = diffusers.WanAnimateTransformer3DModel.from_config(diffusers_config(cfg))
-        m = m.to(torch.bfloat16).to_empty(device=b.device)   # as the baseline, but cast before allocating
-        init_random_(m, seed=0)
-        fill_diffusers_buffers_(m)
-        return m.eval().requires_grad_(False)
     holder = {}
-    b.guarded("dit", {"row": "diffusers build"}, lambda: holder.update(model=build()) or {"ok": True})
+    b.guarded("dit", {"row": "diffusers build"}, lambda: holder.update(model=build_diffusers(b, cfg)) or {"ok": True})
     if "model" not in holder:
         return
     model = holder.pop("model")
-
-    def forward(x):
-        return model(hidden_states=x["hidden"], timestep=x["t"].float(), encoder_hidden_states=x["text"],
-                     encoder_hidden_states_image=x["clip"], pose_hidden_states=x["pose"],
-                     face_pixel_values=x["face"], return_dict=False)[0]
+    forward = lambda x: diffusers_forward(model, x)
 
     def rows(name):
         for size in sizes:

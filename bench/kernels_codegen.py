@@ -78,11 +78,13 @@ def variants():
     out.append(("head_rms_norm bf16", HR._head_rms_norm_kernel,
                 dict(X=bf, W=bf, OUT=bf, M="i32", H="i32", D="i32", stride_o="i32", stride_h="i32", eps="fp32"),
                 dict(ROWS=32, BLOCK_D=128), 4))
-    out.append(("motion bias_act + residual bf16", MO._bias_act_kernel, dict(X=bf, BIAS=bf, R=bf, OUT=bf, C="i32", HW="i32"),
-                dict(HAS_RESIDUAL=True, BLOCK=2048), 4))
+    out.append(("motion bias_act + residual bf16", MO._bias_act_kernel,
+                dict(X=bf, BIAS=bf, R=bf, OUT=bf, NC="i32", C="i32", HW="i32"),
+                dict(HAS_RESIDUAL=True, BLOCK=4096, PLANES=1), 8))
     blur_types = dict(X=bf, OUT=bf, H="i32", W="i32", HO="i32", WO="i32")
-    out.append(("motion blur bf16 rows (shifted taps)", MO._blur_rows_kernel, blur_types,
-                dict(PAD=2, ROWS=32, BW=128), 4))
+    out.append(("motion blur bf16 rows (shifted taps)", MO._blur_rows_kernel,
+                dict(X=bf, OUT=bf, NC="i32", H="i32", W="i32", HO="i32", WO="i32"),
+                dict(PAD=2, ROWS=32, BW=256, PLANES=1), 4))
     out.append(("motion blur bf16 2-D (shifted taps)", MO._blur_kernel, blur_types, dict(PAD=2, BH=16, BW=64), 4))
     return out
 

@@ -12,7 +12,6 @@ can be compared line by line: which attention kernel each one runs, how much tim
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -113,9 +112,9 @@ def main(argv=None):
     K._import_wanimate()
     import torch
     from wanimate import kernels
-    from wanimate.bench.bench import build_random, fill_diffusers_buffers_, init_random_
+    from wanimate.bench.bench import build_random
     from wanimate.bench.timing import RowBench
-    from wanimate.engine.loader import build_dit, diffusers_config
+    from wanimate.engine.loader import build_dit
     from wanimate.engine.transforms import use_kernels
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --smoke on a CPU")
@@ -133,26 +132,16 @@ def main(argv=None):
 
     if {"reference", "kernels"} & set(rows):
         model = build_random(lambda: build_dit(cfg), b.device, torch.bfloat16, seed=0)
-        fwd = lambda: model(x["latents"], x["t"], x["y"], x["pose"], x["face"], x["text"], x["clip"])
         if "reference" in rows:
             use_kernels(model, on=False)
-            record(profile_row(b, f"wanimate reference {args.size}", fwd, args.top))
+            record(profile_row(b, f"wanimate reference {args.size}", lambda: K.wanimate_forward(model, x), args.top))
         if "kernels" in rows and use_kernels(model):
-            record(profile_row(b, f"wanimate kernels {args.size}", fwd, args.top))
+            record(profile_row(b, f"wanimate kernels {args.size}", lambda: K.wanimate_forward(model, x), args.top))
         model = None
         b.free()
     if "diffusers" in rows:
-        import diffusers
-        with torch.device("meta"):
-            m = diffusers.WanAnimateTransformer3DModel.from_config(diffusers_config(cfg))
-        m = m.to(torch.bfloat16).to_empty(device=b.device)
-        init_random_(m, seed=0)
-        fill_diffusers_buffers_(m)
-        m.eval().requires_grad_(False)
-        fwd = lambda: m(hidden_states=x["hidden"], timestep=x["t"].float(), encoder_hidden_states=x["text"],
-                        encoder_hidden_states_image=x["clip"], pose_hidden_states=x["pose"],
-                        face_pixel_values=x["face"], return_dict=False)[0]
-        record(profile_row(b, f"diffusers eager {args.size}", fwd, args.top))
+        model = K.build_diffusers(b, cfg)
+        record(profile_row(b, f"diffusers eager {args.size}", lambda: K.diffusers_forward(model, x), args.top))
     print(f"\nJSON: {b.out}")
 
 

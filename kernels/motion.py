@@ -78,56 +78,64 @@ def _blur_kernel(X, OUT, H, W, HO, WO, PAD: tl.constexpr, BH: tl.constexpr, BW: 
 
 
 @triton.jit
-def _blur_row(src, r, cols, H, W, PAD: tl.constexpr):
-    """Input row r (zero outside the image) filtered along the columns: x[c-P] + 3x[c-P+1] + 3x[c-P+2] + x[c-P+3]."""
-    rows = r + tl.zeros_like(cols)          # as a vector: the interpreter cannot AND a scalar mask into one
-    row_ok = (rows >= 0) & (rows < H)
-    acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for j in tl.static_range(4):
-        wj = 1.0 if (j == 0 or j == 3) else 3.0
-        c = cols + (j - PAD)
-        acc += tl.load(src + r * W + c, mask=row_ok & (c >= 0) & (c < W), other=0.0).to(tl.float32) * wj
-    return acc
-
-
-@triton.jit
-def _blur_rows_kernel(X, OUT, H, W, HO, WO, PAD: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr):
-    """Separable: a program walks ROWS output rows of a BW-column strip, keeping the last three
-    column-filtered input rows in registers, so each input element is loaded 4 times (the column
-    shifts, mostly L1 hits) instead of 16."""
-    plane = tl.program_id(0).to(tl.int64)
+def _blur_rows_kernel(X, OUT, NC, H, W, HO, WO, PAD: tl.constexpr, ROWS: tl.constexpr, BW: tl.constexpr,
+                      PLANES: tl.constexpr):
+    """Separable: a program walks ROWS output rows of a BW-column strip of PLANES planes (1 on a GPU;
+    the interpreter, which runs programs one after another, takes many at once). Each step filters
+    one input row along the columns (x[c-P] + 3x[c-P+1] + 3x[c-P+2] + x[c-P+3]) and keeps the last
+    four filtered rows in registers, so each input element is loaded 4 times (the column shifts,
+    mostly L1 hits) instead of 16. The first three steps only fill the window (their stores are
+    masked)."""
+    lane = tl.arange(0, PLANES * BW)                # flat lanes: one layout, no conversion
+    planes = tl.program_id(0).to(tl.int64) * PLANES + lane // BW
+    cols = tl.program_id(2) * BW + lane % BW
     y0 = tl.program_id(1) * ROWS
-    cols = tl.program_id(2) * BW + tl.arange(0, BW)
-    src = X + plane * H * W
-    dst = OUT + plane * HO * WO
-    a = _blur_row(src, y0 - PAD, cols, H, W, PAD)
-    b = _blur_row(src, y0 - PAD + 1, cols, H, W, PAD)
-    c = _blur_row(src, y0 - PAD + 2, cols, H, W, PAD)
-    for i in range(ROWS):
-        y = y0 + i
-        d = _blur_row(src, y - PAD + 3, cols, H, W, PAD)
+    src = X + planes * H * W
+    dst = OUT + planes * HO * WO
+    zero = tl.zeros([PLANES * BW], dtype=tl.int32)  # scalars as vectors: the interpreter cannot AND a
+    live = planes < NC                              # scalar mask into a vector one
+    a = tl.zeros([PLANES * BW], dtype=tl.float32)
+    b = tl.zeros([PLANES * BW], dtype=tl.float32)
+    c = tl.zeros([PLANES * BW], dtype=tl.float32)
+    for i in range(ROWS + 3):
+        r = zero + (y0 - PAD + i)                   # input row of this step
+        row_ok = live & (r >= 0) & (r < H)
+        d = tl.zeros([PLANES * BW], dtype=tl.float32)
+        for j in tl.static_range(4):
+            wj = 1.0 if (j == 0 or j == 3) else 3.0
+            cj = cols + (j - PAD)
+            d += tl.load(src + r * W + cj, mask=row_ok & (cj >= 0) & (cj < W), other=0.0).to(tl.float32) * wj
+        y = r + PAD - 3                             # output row completed by input row r
         out = (a + 3.0 * b + 3.0 * c + d) * (1.0 / 64.0)
-        y_ok = y + tl.zeros_like(cols) < HO
-        tl.store(dst + y * WO + cols, out.to(OUT.dtype.element_ty), mask=(cols < WO) & y_ok)
+        tl.store(dst + y * WO + cols, out.to(OUT.dtype.element_ty),
+                 mask=live & (cols < WO) & (y >= y0) & (y < HO))
         a, b, c = b, c, d
 
 
 @triton.jit
-def _bias_act_kernel(X, BIAS, R, OUT, C, HW, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < HW
-    base = plane * HW
-    bias = tl.load(BIAS + plane % C).to(tl.float32)
-    v = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32) + bias
+def _bias_act_kernel(X, BIAS, R, OUT, NC, C, HW, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     PLANES: tl.constexpr):
+    lane = tl.arange(0, PLANES * BLOCK)
+    planes = tl.program_id(0).to(tl.int64) * PLANES + lane // BLOCK
+    offs = tl.program_id(1) * BLOCK + lane % BLOCK
+    mask = (planes < NC) & (offs < HW)
+    at = planes * HW + offs
+    bias = tl.load(BIAS + planes % C, mask=planes < NC, other=0.0).to(tl.float32)
+    v = tl.load(X + at, mask=mask, other=0.0).to(tl.float32) + bias
     v = tl.where(v >= 0, v, v * 0.2) * 1.4142135623730951
     if HAS_RESIDUAL:
-        v = (v + tl.load(R + base + offs, mask=mask, other=0.0).to(tl.float32)) * 0.7071067811865476
-    tl.store(OUT + base + offs, v.to(OUT.dtype.element_ty), mask=mask)
+        v = (v + tl.load(R + at, mask=mask, other=0.0).to(tl.float32)) * 0.7071067811865476
+    tl.store(OUT + at, v.to(OUT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
+
+
+def _planes_per_program(x: torch.Tensor, planes: int) -> int:
+    """One plane per program on a GPU. Triton's interpreter (CPU tensors, the tests) runs programs
+    one after another at milliseconds each, so there one program takes up to 64 planes."""
+    return 1 if x.is_cuda else min(64, triton.next_power_of_2(planes))
 
 
 def _check_nchw(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -152,11 +160,17 @@ def _blur_launch(x: torch.Tensor, pad0: int, pad1: int, *, variant: str = "rows"
     out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
     if not out.numel():
         return out
-    grid = (n * c, triton.cdiv(ho, bh), triton.cdiv(wo, bw))
+    # Small planes (the encoder's later blocks, 33 x 33 down to 5 x 5): no wider strip or longer walk
+    # than the plane needs.
+    bw = min(bw, triton.next_power_of_2(wo))
+    bh = min(bh, ho) if variant == "rows" else min(bh, triton.next_power_of_2(ho))
     if variant == "rows":
-        _blur_rows_kernel[grid](x, out, h, w, ho, wo, PAD=pad0, ROWS=bh, BW=bw, num_warps=num_warps)
+        p = _planes_per_program(x, n * c)
+        _blur_rows_kernel[(triton.cdiv(n * c, p), triton.cdiv(ho, bh), triton.cdiv(wo, bw))](
+            x, out, n * c, h, w, ho, wo, PAD=pad0, ROWS=bh, BW=bw, PLANES=p, num_warps=num_warps)
     elif variant == "taps":
-        _blur_kernel[grid](x, out, h, w, ho, wo, PAD=pad0, BH=bh, BW=bw, num_warps=num_warps)
+        _blur_kernel[(n * c, triton.cdiv(ho, bh), triton.cdiv(wo, bw))](
+            x, out, h, w, ho, wo, PAD=pad0, BH=bh, BW=bw, num_warps=num_warps)
     else:
         raise ValidationError(f"blur variant must be 'rows' or 'taps', got {variant!r}")
     return out
@@ -176,9 +190,11 @@ def _bias_act_launch(x, bias, residual, *, block: int = 2048, num_warps: int = 4
         out_dtype = torch.promote_types(out_dtype, residual.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if out.numel():
-        _bias_act_kernel[(n * c, triton.cdiv(h * w, block))](
-            x, bias.contiguous().view(-1), residual if residual is not None else x, out, c, h * w,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+        p = _planes_per_program(x, n * c)
+        block = min(block, max(16, triton.next_power_of_2(h * w)))
+        _bias_act_kernel[(triton.cdiv(n * c, p), triton.cdiv(h * w, block))](
+            x, bias.contiguous().view(-1), residual if residual is not None else x, out, n * c, c, h * w,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PLANES=p, num_warps=num_warps)
     return out
 
 

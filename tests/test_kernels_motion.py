@@ -45,13 +45,18 @@ def test_blur_matches_reference(shape, pads, dtype):
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("planes", [1, 4])
 @pytest.mark.parametrize("launch", [dict(variant="taps", bh=8, bw=16), dict(variant="rows", bh=4, bw=8, num_warps=1)])
-def test_blur_variants_and_tilings_agree(launch):
+def test_blur_variants_and_tilings_agree(launch, planes, monkeypatch):
     """The 2-D tap kernel and the row walker with tiles smaller than the image (ragged last tiles,
-    several row segments) give the reference blur."""
+    several row segments), one plane per program as on a GPU or several (a ragged last group of
+    the 6 planes), give the reference blur."""
+    monkeypatch.setattr(K, "_planes_per_program", lambda x, n: planes)
     x = _rand(2, 3, 21, 19, dtype=torch.float32, seed=11)
     for pads in ((2, 2), (1, 1), (0, 3)):
         torch.testing.assert_close(K._blur_launch(x, *pads, **launch), K.blur_ref(x, *pads), rtol=1e-5, atol=1e-6)
+    y, bias = _rand(2, 3, 5, 7, dtype=torch.float32, seed=12), _rand(3, dtype=torch.float32, seed=13)
+    torch.testing.assert_close(K._bias_act_launch(y, bias, y, block=16), K.bias_act_ref(y, bias, y), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValidationError, match="variant"):
         K._blur_launch(x, 2, 2, variant="fft")
 
