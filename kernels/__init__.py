@@ -10,8 +10,8 @@ with a fake implementation, so torch.compile and export see one opaque op:
     head_rms_norm.py   per-head RMSNorm, affine   (FaceBlock q and k)
     motion.py          the motion encoder's padded 4x4 blur, and bias + leaky ReLU [+ residual merge]
 
-Measured bandwidth (bench/kernels.py, H200, calls timed back to back; kernels_h200_full_r3.log):
-0.90-1.01 of a device copy for every DiT kernel here, 0.93 for bias_act, 0.32 for the blur. The
+Measured bandwidth (bench/kernels.py, H200, calls timed back to back; kernels_h200_full_r4.log):
+0.89-1.02 of a device copy for every DiT kernel here, 0.93 for bias_act, 0.30 for the blur. The
 figures quoted in the files' comments from earlier sweeps were timed with a synchronize after
 each call, which adds the host's launch time, and understate the kernels by 5-25%; re-timed,
 every default is within 1% of the best setting of its sweep.

@@ -149,7 +149,8 @@ def _blur_launch(x: torch.Tensor, pad0: int, pad1: int, *, variant: str = "rows"
     """variant "rows" (_blur_rows_kernel: bh output rows per program) or "taps" (_blur_kernel: a
     bh x bw tile, 16 shifted loads per output). Default from the H200 sweep on 32 crops of
     32 x 512 x 512 (bench/results/kernels_h200_motion_sweep.log): rows 32 x 256 over 4 warps 0.79 ms
-    (0.32 of copy), 32 x 128 1.07 ms, the 2-D tap kernel 1.7 ms, F.pad + grouped conv2d 5.3 ms."""
+    (0.32 of copy; 0.30 after the flat-lane change, kernels_h200_full_r4.log), 32 x 128 1.07 ms, the 2-D tap kernel
+    1.7 ms, F.pad + grouped conv2d 5.3 ms."""
     x = _check_nchw(x, "x")
     if not (0 <= pad0 <= 3 and 0 <= pad1 <= 3):
         raise ValidationError(f"blur pads must be in 0..3, got ({pad0}, {pad1})")
