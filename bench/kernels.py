@@ -11,13 +11,16 @@ memory and goes on; the JSON is rewritten after each row, so a timeout keeps wha
    the torch reference of each (what the model's reference path runs) for the speedup; a small
    sweep of launch settings (the default is what the op uses); the old whole-row rms_norm_rope
    and layer_norm kernels ('[old row kernel]' rows); the two-kernel residual + norm
-   against the fused one; Linear + GELU(tanh) against cuBLASLt's GELU epilogue (FFN up-projection).
+   against the fused one; the motion encoder's blur and bias + leaky ReLU + skip (kernels/motion.py,
+   reported, not in the issue's bandwidth target); Linear + GELU(tanh) against cuBLASLt's GELU
+   epilogue (FFN up-projection).
 2. attention: SDPA backends and one bf16 GEMM at the same sizes (napkin math for the DiT rows).
 3. dit: one WanAnimate 14B forward, random bf16 weights built on the GPU (meta -> to_empty ->
    normal_(0, 0.02) / ones / zero bias, as shared/baselines/bench_diffusers.py does), inputs as
    that script's (77 frames of 512x512 face crops, 512 text tokens, 257 CLIP tokens): kernels off,
    kernels with the old whole-row norm kernels and separate q/k/v, the new kernels with separate
-   q/k/v, + fused qkv, + the GELU epilogue (= use_kernels' fast path), kernels (denoise only),
+   q/k/v, + fused qkv, + the GELU epilogue (= use_kernels' fast path), the same without the
+   motion-encoder kernels, kernels (denoise only),
    kernels + CUDA graph (denoise only), kernels + compile_blocks.
 4. diffusers: WanAnimateTransformer3DModel eager and with compile_repeated_blocks (if importable),
    same inputs and weight scheme; run before part 3, so that a time limit cuts wanimate's compile
