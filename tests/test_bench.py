@@ -72,3 +72,49 @@ def test_vram_matrix_smoke(tmp_path):
     pipe = [r for r in rows if r["kind"] == "pipeline"]
     assert len(pipe) in (1, 2) and all(r["generate_s"] > 0 and "offloaded" in r["placement"] for r in pipe)
     assert out["total_s"] > 0 and ("fp8" in data or any(r["name"].startswith("fp8") for r in rows))
+
+
+def _load_profile_dit():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "profile_dit.py"
+    spec = importlib.util.spec_from_file_location("wanimate_bench_profile_dit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def test_profile_dit_categories_on_real_kernel_names():
+    """Kernel names as an H200 profile prints them (bench/results/profile_dit_480p_h200.log)."""
+    profile, _ = _load_profile_dit()
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0_0": "attention",
+        "nvjet_sm90_tst_192x208_64x4_2x1_v_bz_coopB_gelubias_TNT": "gemm",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "conv",
+        "void at::native::(anonymous namespace)::conv_depthwise2d_forward_kernel_generic<c10::BFloat16, int>": "conv",
+        "_layer_norm_row_kernel": "triton (wanimate)",
+        "_blur_rows_kernel": "triton (wanimate)",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)": "copy",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float, false>": "elementwise/reduce",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>": "other",
+    }
+    assert {n: profile.category(n) for n in names} == names
+
+
+@pytest.mark.slow
+def test_profile_dit_smoke(tmp_path):
+    import subprocess
+    import sys
+    _, path = _load_profile_dit()
+    out = tmp_path / "p.json"
+    run = subprocess.run([sys.executable, str(path), "--smoke", "--rows", "reference,kernels", "--top", "5",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads(out.read_text())["profiles"]
+    assert [r["row"] for r in rows] == ["wanimate reference 480p", "wanimate kernels 480p"]
+    for r in rows:
+        assert sum(r["categories_ms"].values()) == pytest.approx(r["kernel_ms"], rel=1e-2, abs=0.05)
+        assert len(r["top"]) == 5 and [k["ms"] for k in r["top"]] == sorted((k["ms"] for k in r["top"]), reverse=True)
+    # the kernels row runs the fused ops (CPU: their op names; the interpreter makes them the slowest)
+    assert any(k["kernel"].startswith("wanimate::") for k in rows[1]["top"])
+    assert not any(k["kernel"].startswith("wanimate::") for k in rows[0]["top"])
