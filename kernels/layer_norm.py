@@ -222,8 +222,9 @@ def _launch(x, y, gate, weight, bias, scale, shift, eps, out_dtype, *, variant=N
     registers); chunk / num_warps override the settings (bench/kernels.py sweeps them).
 
     Default (variant None), from the H200 sweep at 480p (bench/results/kernels_h200_ln.log): the
-    plain norm + modulation takes the chunked kernel at 1024 columns over 8 warps (0.90 of the copy
-    ceiling; the row kernel 0.79, the chunked one at 4 warps 0.56); the residual + norm kernels keep
+    plain norm + modulation takes the chunked kernel with chunk_settings' wide-row settings, 1024
+    columns over 8 warps (0.90 of the copy ceiling; the row kernel 0.79, the chunked one at 4 warps
+    0.56; synchronized timing, see kernels/__init__.py); the residual + norm kernels keep
     the row kernel (0.84 / 0.90 vs the chunked kernel's best 0.82 / 0.86), whose pass over the
     residual, the update and the gate needs no second read."""
     x = _check_rows(x, "x")
@@ -266,8 +267,6 @@ def _launch(x, y, gate, weight, bias, scale, shift, eps, out_dtype, *, variant=N
     flags = dict(HAS_RESIDUAL=has_residual, HAS_GATE=gate is not None, AFFINE=affine, MODULATE=modulate)
     if variant is None:
         variant = "row" if has_residual and chunk is None else "chunk"
-        if variant == "chunk" and chunk is None and num_warps is None and c >= 4096:
-            chunk, num_warps = 1024, 8
     if variant == "chunk":
         chunk, nchunk, warps = chunk_settings(c, chunk, num_warps)
         _layer_norm_kernel[(b * l,)](*args, **flags, CHUNK=chunk, NCHUNK=nchunk, num_warps=warps)

@@ -215,15 +215,25 @@ def row_settings(width: int) -> tuple[int, int]:
     return block, warps
 
 
-# Chunk of the two-pass kernel: 1024 columns over 4 warps is one 16-byte vector per thread per
-# tensor (bf16), so a 5120 row is 5 unmasked chunks and a program needs few registers: up to 16
-# programs (each with its q and k rows, 20 KiB, in flight) per SM instead of 2 with the whole-row
-# kernel, whose 8192-lane block also leaves 3/8 of its lanes masked.
+# Chunk of the two-pass kernel for narrow rows: 1024 columns over 4 warps is one 16-byte vector per
+# thread per tensor (bf16), and a program needs few registers: many programs in flight per SM,
+# where the whole-row kernel's 8192-lane block for 5120 columns holds 2 and leaves 3/8 masked.
 CHUNK, CHUNK_WARPS = 1024, 4
+# Rows of the DiT's width (5120) take the H200 sweep's winners instead (bench/results/
+# kernels_h200_qkv.log, kernels_h200_ln.log; re-timed back to back in kernels_h200_full_r4.log, each
+# within 1% of its sweep's best): 8 warps, 1024 columns for q and k together and for layer_norm,
+# 2048 for a lone q (the cross-attention rms_norm). 8 warps halve the vector to 8 bytes for bf16
+# and still win: twice the warps per program hide more of the second pass's latency.
+WIDE_ROW, WIDE_WARPS = 4096, 8
 
 
-def chunk_settings(width: int, chunk: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
-    """(CHUNK, NCHUNK, num_warps) of the two-pass kernel for rows of `width` elements."""
+def chunk_settings(width: int, chunk: int | None = None, num_warps: int | None = None, *,
+                   wide_chunk: int = 1024) -> tuple[int, int, int]:
+    """(CHUNK, NCHUNK, num_warps) of the two-pass kernel for rows of `width` elements: the measured
+    wide-row settings (wide_chunk columns over WIDE_WARPS) from WIDE_ROW columns up unless chunk or
+    num_warps is given, else CHUNK columns (fewer for narrow rows)."""
+    if chunk is None and num_warps is None and width >= WIDE_ROW:
+        chunk, num_warps = wide_chunk, WIDE_WARPS
     chunk = chunk or min(CHUNK, max(triton.next_power_of_2(width), 2))
     nchunk = triton.cdiv(width, chunk)
     if nchunk > 64:
@@ -270,12 +280,7 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, *, variant="chunk", chunk=N
         _rms_norm_rope_row_kernel[(b * l,)](*args, HALF_D=half, HAS_K=has_k, HAS_ROPE=has_rope, BLOCK=block,
                                             num_warps=num_warps or warps)
     elif variant == "chunk":
-        if chunk is None and num_warps is None and c >= 4096:
-            # Measured on an H200 at 480p (bench/results/kernels_h200_qkv.log, the chunk x warps
-            # sweep): q and k together are fastest at 1024 columns over 8 warps (0.86 of the copy
-            # ceiling vs 0.74 at 4 warps), a lone q (the cross-attention rms_norm) at 2048 over 8 (0.84).
-            chunk, num_warps = (1024 if has_k else 2048), 8
-        chunk, nchunk, warps = chunk_settings(c, chunk, num_warps)
+        chunk, nchunk, warps = chunk_settings(c, chunk, num_warps, wide_chunk=1024 if has_k else 2048)
         _rms_norm_rope_kernel[(b * l,)](*args, HALF_D=half, HAS_K=has_k, HAS_ROPE=has_rope, CHUNK=chunk,
                                         NCHUNK=nchunk, num_warps=warps)
     else:

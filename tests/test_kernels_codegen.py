@@ -1,4 +1,4 @@
-"""The fused kernels compile for Hopper (sm_90) on this CPU-only machine, with 16-byte vector
+"""The fused kernels compile for Hopper (sm_90) on this CPU-only machine, with vector
 loads and stores of the rows and no register spills (bench/kernels_codegen.py --check).
 Runs in a child process: the other kernel tests define the kernels under TRITON_INTERPRET=1,
 and the interpreter does not compile."""

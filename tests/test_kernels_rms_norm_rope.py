@@ -137,8 +137,14 @@ def test_variants_and_chunkings_match_reference(variant, chunk, dtype):
 
 
 def test_chunk_settings():
-    """Wan's width is five full 1024-column chunks on 4 warps; narrow rows take one smaller chunk."""
-    assert K.chunk_settings(5120) == (1024, 5, 4)
+    """Wan's width takes the measured wide-row settings (five 1024-column chunks on 8 warps, or
+    2048-column ones for a lone q) unless a setting is given; narrower rows take CHUNK on 4 warps or
+    one smaller chunk."""
+    assert K.chunk_settings(5120) == (1024, 5, 8)
+    assert K.chunk_settings(5120, wide_chunk=2048) == (2048, 3, 8)
+    assert K.chunk_settings(5120, num_warps=4) == (1024, 5, 4)
+    assert K.chunk_settings(5120, chunk=512) == (512, 10, 2)
+    assert K.chunk_settings(3072) == (1024, 3, 4)
     assert K.chunk_settings(126)[:2] == (128, 1)
     assert K.chunk_settings(769)[:2] == (1024, 1)
     with pytest.raises(ValidationError, match="larger"):
