@@ -151,6 +151,29 @@ class EqualLinear(nn.Module):
         return F.linear(x, self.weight * self.scale, self.bias)
 
 
+def bias_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """StyleGAN2's fused_leaky_relu: leaky_relu(x + bias, 0.2) * sqrt(2), bias [1, C, 1, 1]."""
+    return F.leaky_relu(x + bias, 0.2) * math.sqrt(2.0)
+
+
+def merge_skip(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """A motion res block's output: (x + skip) / sqrt(2)."""
+    return (x + skip) / math.sqrt(2.0)
+
+
+def blur_kernel() -> torch.Tensor:
+    """[1, 3, 3, 1] (x) [1, 3, 3, 1] / 64: the 4x4 binomial low-pass before a stride-2 conv."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+    return torch.outer(k, k) / 64.0
+
+
+def blur(x: torch.Tensor, kernel: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """Depthwise 4x4 `kernel` over x [N, C, H, W] zero-padded by pad = (before, after) on both axes."""
+    c = x.shape[1]
+    x = F.pad(x, [pad[0], pad[1], pad[0], pad[1]])
+    return F.conv2d(x, kernel.to(x.dtype).expand(c, 1, 4, 4), groups=c)
+
+
 class BiasLeakyReLU(nn.Module):
     """leaky_relu(x + bias, 0.2) * sqrt(2); the bias is stored as [1, C, 1, 1]."""
 
@@ -162,7 +185,7 @@ class BiasLeakyReLU(nn.Module):
     def forward(self, x):
         if self.kernels and kernels.supported(x, self.bias):
             return ops.bias_act(x, self.bias.view(-1))                     # one pass, one rounding
-        return F.leaky_relu(x + self.bias, 0.2) * math.sqrt(2.0)
+        return bias_leaky_relu(x, self.bias)
 
 
 class Blur(nn.Module):
@@ -171,17 +194,14 @@ class Blur(nn.Module):
 
     def __init__(self, pad: tuple[int, int]):
         super().__init__()
-        k = torch.tensor([1.0, 3.0, 3.0, 1.0])
-        self.register_buffer("kernel", torch.outer(k, k) / 64.0)
+        self.register_buffer("kernel", blur_kernel())
         self.pad = pad
         self.kernels = False
 
     def forward(self, x):
         if self.kernels and kernels.supported(x):
             return ops.blur(x, *self.pad)                                  # the padding is the kernel's mask
-        c = x.shape[1]
-        x = F.pad(x, [self.pad[0], self.pad[1], self.pad[0], self.pad[1]])
-        return F.conv2d(x, self.kernel.to(x.dtype).expand(c, 1, 4, 4), groups=c)
+        return blur(x, self.kernel, self.pad)
 
 
 class MotionResBlock(nn.Module):
@@ -201,7 +221,7 @@ class MotionResBlock(nn.Module):
         if self.kernels and kernels.supported(h, act.bias):
             # conv2's bias + leaky ReLU and the merge with the skip in one pass.
             return ops.bias_act(self.conv2[1](self.conv2[0](h)), act.bias.view(-1), skip)
-        return (self.conv2(h) + skip) / math.sqrt(2.0)
+        return merge_skip(self.conv2(h), skip)
 
 
 class MotionAppearanceNet(nn.Module):

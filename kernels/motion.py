@@ -25,34 +25,27 @@ Both take PLANES planes per program: 1 on a GPU, many in Triton's interpreter (_
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..engine.errors import ValidationError
-
-_SQRT2 = math.sqrt(2.0)
-_TAPS = (1.0, 3.0, 3.0, 1.0)
+from ..engine.model import bias_leaky_relu, blur as model_blur, blur_kernel, merge_skip
 
 
 # ----------------------------------------------------------------------------------------------
-# References (engine/model.py's math, as it runs there)
+# References: engine/model.py's own functions, as Blur, BiasLeakyReLU and MotionResBlock run them
 
 
 def blur_ref(x: torch.Tensor, pad0: int, pad1: int) -> torch.Tensor:
-    c = x.shape[1]
-    k = torch.tensor(_TAPS)
-    kernel = (torch.outer(k, k) / 64.0).to(device=x.device, dtype=x.dtype)
-    return F.conv2d(F.pad(x, [pad0, pad1, pad0, pad1]), kernel.expand(c, 1, 4, 4), groups=c)
+    return model_blur(x, blur_kernel().to(x.device), (pad0, pad1))
 
 
 def bias_act_ref(x: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    out = F.leaky_relu(x + bias.view(1, -1, 1, 1), 0.2) * _SQRT2
-    return out if residual is None else (out + residual) / _SQRT2
+    out = bias_leaky_relu(x, bias.view(1, -1, 1, 1))
+    return out if residual is None else merge_skip(out, residual)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,9 +116,9 @@ def _bias_act_kernel(X, BIAS, R, OUT, NC, C, HW, HAS_RESIDUAL: tl.constexpr, BLO
     at = planes * HW + offs
     bias = tl.load(BIAS + planes % C, mask=planes < NC, other=0.0).to(tl.float32)
     v = tl.load(X + at, mask=mask, other=0.0).to(tl.float32) + bias
-    v = tl.where(v >= 0, v, v * 0.2) * 1.4142135623730951
+    v = tl.where(v >= 0, v, v * 0.2) * 1.4142135623730951   # sqrt(2)
     if HAS_RESIDUAL:
-        v = (v + tl.load(R + at, mask=mask, other=0.0).to(tl.float32)) * 0.7071067811865476
+        v = (v + tl.load(R + at, mask=mask, other=0.0).to(tl.float32)) * 0.7071067811865476   # / sqrt(2)
     tl.store(OUT + at, v.to(OUT.dtype.element_ty), mask=mask)
 
 
