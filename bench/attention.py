@@ -196,24 +196,12 @@ class Bench:
             self.torch.cuda.synchronize()
 
     def time(self, fn, reps: int, warmup: int = 1) -> tuple[float, float]:
-        """(median, min) seconds of fn() after warm-up."""
-        torch = self.torch
+        """(median, min) seconds of fn() after warm-up (bench/timing.py time_calls: back to back)."""
+        from wanimate.bench.timing import time_calls
         for _ in range(warmup):
             fn()
         self.sync()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
+        times = time_calls(fn, "cuda" if self.cuda else "cpu", reps)
         return statistics.median(times), min(times)
 
     def row(self, section: str, fn, **keys) -> dict:

@@ -52,11 +52,10 @@ def kernel_times(prof, cuda: bool) -> dict[str, tuple[int, float]]:
     """name -> (calls, total microseconds): GPU kernels on CUDA, CPU ops' self time otherwise."""
     out: dict[str, list] = defaultdict(lambda: [0, 0.0])
     if cuda:
-        from torch.autograd import DeviceType
-        for e in prof.events():
-            if e.device_type == DeviceType.CUDA:
-                out[e.name][0] += 1
-                out[e.name][1] += e.time_range.elapsed_us()
+        from wanimate.bench.timing import cuda_kernels
+        for name, us in cuda_kernels(prof):
+            out[name][0] += 1
+            out[name][1] += us
     else:
         for e in prof.key_averages():
             if e.self_cpu_time_total > 0:

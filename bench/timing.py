@@ -21,7 +21,7 @@ def time_calls(fn: Callable[[], object], device, reps: int, *, sync_each: bool =
     alone. sync_each=True synchronizes after every call instead, so each call starts on an idle GPU
     and its pair also holds the host's time to reach the first launch (Python, dispatch, launcher),
     which is how sub-millisecond kernels looked slower through a custom op than launched directly
-    (bench/results/op_timing_*.log)."""
+    (bench/results/kernels_h200_timing.log: the us_sync_each and host_us columns)."""
     import torch
     reps = max(1, reps)
     if torch.device(device).type != "cuda":
@@ -42,18 +42,23 @@ def time_calls(fn: Callable[[], object], device, reps: int, *, sync_each: bool =
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
+def cuda_kernels(prof):
+    """(name, microseconds) of each GPU kernel a finished torch.profiler run recorded."""
+    from torch.autograd import DeviceType
+    return [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+
 def kernel_seconds(fn: Callable[[], object], calls: int = 5) -> float:
     """GPU kernel time per call of fn from torch.profiler (the sum of its CUDA kernels' durations /
     calls): what the kernels themselves take, whatever the host does between them."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / calls / 1e6
+    return sum(us for _, us in cuda_kernels(prof)) / calls / 1e6
 
 
 def host_seconds(fn: Callable[[], object], calls: int = 10) -> float:
