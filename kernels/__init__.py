@@ -23,7 +23,8 @@ when a kernel is defined, and the model must stay importable without triton.
 Not here: GELU(tanh) of the FFN. Fusing it needs a GEMM epilogue; as a separate pass it moves
 4 bytes per FFN-hidden element, about 0.25 ms per block at 480p on an H200 (under 1% of the
 forward). engine/transforms.py `use_gelu_epilogue` uses cuBLASLt's GELU epilogue
-(`torch._addmm_activation`), opt-in; bench/kernels.py times it as its own DiT row. Nor the fused
+(`torch._addmm_activation`), part of use_kernels' fast path; bench/kernels.py times it as its own
+DiT row. Nor the fused
 q/k/v projection (engine/transforms.py `fuse_qkv`, a GEMM): rms_norm_rope reads its q and k as
 strided views.
 """
