@@ -171,8 +171,9 @@ def launch_config(k: int) -> dict:
 # The two-pass chunked kernel for rows of at least this many columns (all of the DiT's linears):
 # 2048 columns over 4 warps, two 16-byte bf16 vectors per thread per chunk: the best of the H200
 # sweep at 480p (2.57 TB/s at K=5120, 3.08 at 13824, vs 1.51 / 1.53 for the whole-row kernel;
-# bench/results/quant_h200_policies.log). Shorter rows use the whole-row kernel, which packs
-# several rows into one program.
+# bench/results/quant_h200_policies.log, synchronized timing; timed back to back 3.13 / 3.16 vs
+# 2.14 / 2.84, quant_actquant_h200_backtoback.log). Shorter rows use the whole-row kernel, which
+# packs several rows into one program.
 CHUNK_MIN_K, CHUNK, CHUNK_WARPS = 2048, 2048, 4
 
 
